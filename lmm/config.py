@@ -1,0 +1,274 @@
+"""Typed configuration: dataclasses loadable from YAML and overridable with dotted `key=value`.
+
+Unknown keys are errors that name the closest valid key, so a misspelling fails at start-up.
+This module imports nothing from lmm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a configuration (unknown key, wrong type, bad value)."""
+
+
+# --------------------------------------------------------------------------- model config
+
+
+@dataclass
+class VisionConfig:
+    """Frozen vision tower.
+
+    kind: `open_clip` (any open_clip model by name; `pretrained` = local checkpoint file, or an open_clip
+    tag whose weights are already cached), `hf` (CLIPVisionModel / SiglipVisionModel folder at `path`, or
+    random weights from `hf_config`).
+    """
+
+    kind: Literal["open_clip", "hf"] = "open_clip"
+    name: str = "ViT-B-32"  # open_clip model name (may be registered from `model_cfg`)
+    pretrained: Optional[str] = None  # local checkpoint path for open_clip
+    path: Optional[str] = None  # HF folder for kind=hf
+    hf_config: Optional[dict] = None  # HF vision config dict (model_type clip_vision_model / siglip_vision_model)
+    model_cfg: Optional[dict] = None  # open_clip model config dict, registered under `name`
+    layer: int = -1  # which hidden layer's patch tokens to use (-1: final, -2: penultimate ...)
+    include_cls: bool = True  # keep the CLS/pooled token among the visual tokens
+    image_size: Optional[int] = None  # override the preprocessing size (default: tower's own)
+    mean: Optional[list[float]] = None  # override preprocessing normalisation
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class LanguageConfig:
+    """Frozen causal LM: an HF folder (`path`), a GGUF file inside it (`gguf_file`), or a config dict."""
+
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    hf_config: Optional[dict] = None  # e.g. {"model_type": "llama", "hidden_size": 64, ...}: random weights
+    tokenizer_path: Optional[str] = None  # default: `path`
+    attn_implementation: str = "sdpa"
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes nf4 (CUDA only)
+
+
+@dataclass
+class PerceiverConfig:
+    num_latents: int = 64
+    depth: int = 6
+    heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    max_media: int = 32  # media-time embeddings (position of the image in the sequence)
+    max_frames: int = 8  # frame embeddings for video
+    qk_norm: bool = False  # QK-normalised attention (Unified-IO 2)
+
+
+@dataclass
+class CrossAttnConfig:
+    every: int = 4  # a gated xattn block before every Nth decoder layer
+    first_layer: int = 0  # index of the first decoder layer that gets one
+    layers: Optional[list[int]] = None  # explicit layer indices (overrides every/first_layer)
+    heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    only_previous_image: bool = True  # Flamingo: attend to the immediately preceding image only
+    qk_norm: bool = False
+
+
+@dataclass
+class QFormerConfig:
+    num_queries: int = 32
+    depth: int = 2
+    hidden: int = 256
+    heads: int = 8
+    ff_mult: int = 4
+    cross_every: int = 1  # cross-attention to visual tokens in every Nth Q-Former layer
+
+
+@dataclass
+class ProjectorConfig:
+    depth: int = 2  # LLaVA-1.5: 2-layer MLP with GELU
+    hidden_mult: int = 1
+
+
+@dataclass
+class BridgeConfig:
+    kind: Literal["flamingo", "qformer", "projector"] = "flamingo"
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    cross_attn: CrossAttnConfig = field(default_factory=CrossAttnConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    use_perceiver: bool = True  # flamingo: False = a linear projection of the visual tokens instead
+
+
+@dataclass
+class LMMConfig:
+    """Everything needed to build an LMM (weights of the frozen parts come from paths)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    dtype: str = "auto"  # frozen weights: auto = bf16 on CUDA, fp32 on CPU
+    name: str = "lmm"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "LMMConfig":
+        return load_yaml(cls, path, overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMMConfig":
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- generic loading
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], d: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError with a suggestion."""
+    if d is None:
+        d = {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        key = f"{where}.{k}" if where else k
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint} (valid keys here: {sorted(names)})")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
+    """Apply dotted overrides like `bridge.cross_attn.every=2` to a nested dict (values parsed as YAML)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = _parse_scalar(text)
+    return d
+
+
+def load_yaml(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Read a YAML file (or nothing) into dataclass `cls`, after applying dotted overrides."""
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    return from_dict(cls, apply_overrides(d, overrides))

@@ -1,0 +1,66 @@
+"""Tiny random-weight building blocks for tests and CPU benchmarks (nothing is downloaded).
+
+A real byte-level BPE tokenizer trained in milliseconds on a built-in corpus, and tiny configs
+for each supported LM family and vision family.
+"""
+
+from __future__ import annotations
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "a photo of a red circle", "a photo of a blue square", "what shape is in the image?",
+    "what color is the shape?", "the answer is yes", "the answer is no", "an image of a cat",
+    "a dog playing in the park", "two people riding bikes on a street", "Question: Answer:",
+    "circle rectangle triangle green red gray teal black yellow brown blue yes no",
+    "Output: The capital of France is Paris.", "user assistant system",
+] * 4
+
+
+def tiny_tokenizer(vocab_size: int = 400):
+    """A real `PreTrainedTokenizerFast` (byte-level BPE) with BOS/EOS/PAD and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+LM_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi")
+
+
+def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 32, layers: int = 4, heads: int = 4):
+    """A tiny `PretrainedConfig` of the given HF decoder family (random weights when built)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size)
+    if family in ("llama", "qwen2", "mistral"):
+        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    elif family == "gpt2":
+        kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256)
+    elif family == "gpt_neox":
+        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=256)
+    elif family == "opt":
+        kw = dict(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
+                  max_position_embeddings=256, word_embed_proj_dim=hidden)
+    elif family == "phi":
+        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=256)
+    else:
+        raise ValueError(f"unknown tiny LM family {family!r}; choose one of {LM_FAMILIES}")
+    return AutoConfig.for_model(family, **common, **kw, bos_token_id=0, eos_token_id=0, pad_token_id=0)

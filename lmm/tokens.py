@@ -1,0 +1,20 @@
+"""The two special tokens lmm adds to every LM tokenizer, in one place."""
+
+from __future__ import annotations
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+MEDIA_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK_TOKEN)
+
+
+def add_media_tokens(tokenizer) -> tuple[int, int]:
+    """Add `<image>` and `<|endofchunk|>` as special tokens (idempotent); return their ids.
+
+    Also gives the tokenizer a pad token (EOS) when it has none, so batching works.
+    """
+    missing = [t for t in MEDIA_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN))
