@@ -111,12 +111,23 @@ class BridgeConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the frozen LM via peft (r=0: off)."""
+
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class LMMConfig:
     """Everything needed to build an LMM (weights of the frozen parts come from paths)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     dtype: str = "auto"  # frozen weights: auto = bf16 on CUDA, fp32 on CPU
     name: str = "lmm"
 

@@ -64,3 +64,55 @@ def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 3
     else:
         raise ValueError(f"unknown tiny LM family {family!r}; choose one of {LM_FAMILIES}")
     return AutoConfig.for_model(family, **common, **kw, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                             "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+
+
+def tiny_vision_config(kind: str = "open_clip"):
+    """A tiny random vision tower config: open_clip ViT, HF CLIP or HF SigLIP (32 px images)."""
+    from lmm.config import VisionConfig
+
+    if kind == "open_clip":
+        return VisionConfig(kind="open_clip", name="lmm-tiny-vit", model_cfg=TINY_VIT)
+    hf = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+    if kind not in hf:
+        raise ValueError(f"unknown tiny vision kind {kind!r}: open_clip, clip or siglip")
+    return VisionConfig(kind="hf", hf_config={"model_type": hf[kind], "hidden_size": 32, "intermediate_size": 64,
+                                              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
+                                              "patch_size": 8})
+
+
+def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip", **bridge_kw):
+    """An LMMConfig of tiny random parts (a few hundred thousand parameters), fp32."""
+    from lmm.config import BridgeConfig, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig, QFormerConfig
+
+    lm = tiny_lm_config(family).to_dict()
+    keep = {k: v for k, v in lm.items() if not k.startswith("_") and k not in ("transformers_version", "architectures",
+                                                                                 "dtype", "torch_dtype")}
+    bridge_cfg = BridgeConfig(kind=bridge,
+                              perceiver=PerceiverConfig(num_latents=4, depth=1, heads=2, head_dim=8, max_media=8),
+                              cross_attn=CrossAttnConfig(every=2, heads=2, head_dim=8),
+                              qformer=QFormerConfig(num_queries=4, depth=2, hidden=16, heads=2), **bridge_kw)
+    return LMMConfig(vision=tiny_vision_config(vision), language=LanguageConfig(hf_config=keep), bridge=bridge_cfg,
+                     dtype="fp32", name=f"tiny-{family}-{bridge}")
+
+
+def tiny_lmm(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip", seed: int = 0,
+             gates: float | None = None, **bridge_kw):
+    """A tiny random LMM on CPU with the tiny tokenizer. `gates` sets every tanh gate (default 0: exact bare LM)."""
+    import torch
+
+    from lmm.model import LMM
+
+    torch.manual_seed(seed)
+    model = LMM.from_config(tiny_lmm_config(family, bridge, vision, **bridge_kw), tokenizer=tiny_tokenizer(),
+                            device="cpu")
+    if gates is not None:
+        with torch.no_grad():
+            for blk in model.xattn_blocks():
+                blk.attn_gate.fill_(gates)
+                blk.ff_gate.fill_(gates)
+    return model

@@ -1,0 +1,50 @@
+"""GATED XATTN-DENSE (Flamingo): text tokens cross-attend to resampled visual tokens, then a dense FFN,
+each behind a tanh gate initialised at 0 so the frozen LM is unchanged at the start of training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, feed_forward
+
+
+def media_mask(text_media_idx: torch.Tensor, num_media: int, only_previous: bool = True,
+               text_segment: torch.Tensor | None = None, media_segment: torch.Tensor | None = None) -> torch.Tensor:
+    """Which media each text token may see: bool (B, T, M).
+
+    text_media_idx (B, T): number of `<image>` tokens at or before each position (0 = no image yet).
+    Flamingo masking: only the immediately preceding image (`only_previous`) or all previous ones.
+    With packed rows, `text_segment` (B, T) and `media_segment` (B, M) keep media within their sample.
+    """
+    m = torch.arange(1, num_media + 1, device=text_media_idx.device)  # 1-based media index
+    idx = text_media_idx.unsqueeze(-1)  # (B, T, 1)
+    mask = (m == idx) if only_previous else (m <= idx)
+    if text_segment is not None and media_segment is not None:
+        mask = mask & (text_segment.unsqueeze(-1) == media_segment.unsqueeze(1))
+    return mask
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x (B, T, D) + tanh(g_a) * xattn(x -> media) ; then + tanh(g_f) * ffn. Tokens with no visible media get
+    no cross-attention output."""
+
+    def __init__(self, dim: int, media_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4,
+                 qk_norm: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, media_dim, heads=heads, head_dim=head_dim, qk_norm=qk_norm)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        # media: (B, M, L, Dv); visible: bool (B, T, M) from `media_mask`
+        B, M, L, _ = media.shape
+        has_media = visible.any(-1, keepdim=True)  # (B, T, 1)
+        # Boolean mask shared by all heads, (B, 1, T, M*L): tokens without media attend to everything (avoids
+        # NaN rows in SDPA) and their output is zeroed below.
+        mask = (visible | ~has_media).repeat_interleave(L, dim=-1).unsqueeze(1)
+        attn = self.attn(self.norm(x), media.reshape(B, M * L, -1), mask)
+        x = x + torch.tanh(self.attn_gate) * attn * has_media.to(attn.dtype)
+        return x + torch.tanh(self.ff_gate) * self.ff(x)

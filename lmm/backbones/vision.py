@@ -1,0 +1,150 @@
+"""Frozen vision towers that turn images into per-patch tokens, with their own preprocessing.
+
+`build_vision_tower(cfg)` returns a `VisionTower`: forward((B, C, H, W)) -> (B, N, D), `.dim`, `.preprocess`
+(PIL image -> (C, H, W) tensor). Weights load from local paths only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from lmm.config import ConfigError, VisionConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(size: int, mean, std) -> T.Compose:
+    """Resize (bicubic) + centre crop + normalise, on an RGB PIL image."""
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")),
+                      T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+class VisionTower(nn.Module):
+    """A frozen encoder; subclasses implement `encode` ((B, C, H, W) -> (B, N, D))."""
+
+    dim: int
+    preprocess: T.Compose
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encode(pixel_values.to(next(self.parameters()).dtype))
+
+    def train(self, mode: bool = True):  # always eval: frozen, no dropout/batch-norm updates
+        return super().train(False)
+
+
+class OpenClipVision(VisionTower):
+    """open_clip `model.visual`: a ViT (tokens from a chosen block) or a timm trunk (final feature map)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        import open_clip
+
+        if cfg.model_cfg is not None:
+            _register_open_clip_config(cfg.name, cfg.model_cfg)
+        if cfg.pretrained is not None and not Path(cfg.pretrained).is_file() and "/" in cfg.pretrained:
+            raise ConfigError(f"vision.pretrained: checkpoint file not found: {cfg.pretrained}")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cfg.name, pretrained=cfg.pretrained, force_image_size=cfg.image_size,
+                image_mean=tuple(cfg.mean) if cfg.mean else None, image_std=tuple(cfg.std) if cfg.std else None)
+        except RuntimeError as e:
+            raise ConfigError(f"open_clip could not build '{cfg.name}' (pretrained={cfg.pretrained!r}): {e}. "
+                              "Pass a local checkpoint path as vision.pretrained; nothing is downloaded.") from e
+        self.visual = model.visual
+        del model
+        self.preprocess = preprocess
+        self.layer, self.include_cls = cfg.layer, cfg.include_cls
+        self.is_vit = hasattr(self.visual, "transformer")
+        if self.is_vit:
+            self.dim = self.visual.transformer.width
+            self.num_blocks = len(self.visual.transformer.resblocks)
+        else:
+            if cfg.layer != -1:
+                raise ConfigError("vision.layer is only supported for ViT towers; use -1 for timm trunks")
+            with torch.no_grad():
+                size = preprocess.transforms[0].size if hasattr(preprocess.transforms[0], "size") else 224
+                size = size[0] if isinstance(size, (tuple, list)) else size
+                self.dim = self.visual.trunk.forward_features(torch.zeros(1, 3, size, size)).shape[1]
+        self.requires_grad_(False)
+        self.eval()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:
+            fmap = self.visual.trunk.forward_features(x)  # (B, C, h, w)
+            return fmap.flatten(2).transpose(1, 2)
+        idx = self.layer % self.num_blocks
+        out = self.visual.forward_intermediates(x, indices=[idx], intermediates_only=True, output_fmt="NLC",
+                                                output_extra_tokens=self.include_cls)
+        tokens = out["image_intermediates"][0]
+        if tokens.ndim == 4:  # NCHW fallback
+            tokens = tokens.flatten(2).transpose(1, 2)
+        if self.include_cls and out.get("image_intermediates_prefix"):
+            tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)
+        return tokens
+
+
+def _register_open_clip_config(name: str, model_cfg: dict) -> None:
+    import open_clip
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(model_cfg, f)
+        open_clip.add_model_config(path)
+
+
+class HFVision(VisionTower):
+    """HF `CLIPVisionModel` / `SiglipVisionModel` (or any vision model with hidden states) from a folder."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if cfg.path is not None:
+            if not Path(cfg.path).is_dir():
+                raise ConfigError(f"vision.path: HF model folder not found: {cfg.path}")
+            self.model = AutoModel.from_pretrained(cfg.path, attn_implementation="sdpa")
+        elif cfg.hf_config is not None:
+            d = dict(cfg.hf_config)
+            if "model_type" not in d:
+                raise ConfigError("vision.hf_config needs a model_type (clip_vision_model or siglip_vision_model)")
+            self.model = AutoModel.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+        else:
+            raise ConfigError("vision.kind=hf needs vision.path (an HF folder) or vision.hf_config")
+        c = self.model.config
+        self.dim = c.hidden_size
+        self.layer = cfg.layer
+        self.has_cls = "clip" in c.model_type
+        self.include_cls = cfg.include_cls
+        size = cfg.image_size or c.image_size
+        siglip = "siglip" in c.model_type
+        mean = cfg.mean or ((0.5, 0.5, 0.5) if siglip else CLIP_MEAN)
+        std = cfg.std or ((0.5, 0.5, 0.5) if siglip else CLIP_STD)
+        self.preprocess = image_transform(size, mean, std)
+        self.requires_grad_(False)
+        self.eval()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        tokens = out.hidden_states[self.layer]
+        if self.has_cls and not self.include_cls:
+            tokens = tokens[:, 1:]
+        return tokens
+
+
+def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+    if cfg.kind == "open_clip":
+        return OpenClipVision(cfg)
+    if cfg.kind == "hf":
+        return HFVision(cfg)
+    raise ConfigError(f"vision.kind must be open_clip or hf, got {cfg.kind!r}")

@@ -1,0 +1,133 @@
+"""The one place that knows a decoder's insides: wrap an HF decoder's layer list from outside.
+
+Chosen layers are replaced by `FusedLayer(block, layer)`: the bridge block runs on the hidden states, then
+the original layer, unchanged. Media reach the fused layers as a keyword argument (`lmm_media`) that
+transformers 5 decoders hand from the model's forward to every layer; nothing is stored on layers and no
+decoder class is edited or patched. New token rows live in a small trainable `ExtendedEmbedding`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MEDIA_KWARG = "lmm_media"
+
+
+@dataclass
+class MediaContext:
+    """What the cross-attention blocks read in one forward call (an argument, never layer state)."""
+
+    media: torch.Tensor  # (B, M, L, Dv) resampled visual tokens
+    visible: torch.Tensor  # bool (B, T, M): which media each of the current T tokens may attend to
+
+
+class FusedLayer(nn.Module):
+    """A bridge block in front of an original decoder layer; attribute lookups fall through to the layer."""
+
+    def __init__(self, block: nn.Module, layer: nn.Module):
+        super().__init__()
+        self.block = block
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        ctx: MediaContext | None = kwargs.get(MEDIA_KWARG)
+        if ctx is not None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            p = next(self.block.parameters())
+            out = self.block(hidden.to(p.dtype) if not torch.is_autocast_enabled() else hidden,
+                             ctx.media, ctx.visible).to(hidden.dtype)
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = out
+            else:
+                args = (out, *args[1:])
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+
+def find_layer_list(lm: nn.Module) -> nn.ModuleList:
+    """The decoder's list of transformer layers, found generically (the ModuleList of num_hidden_layers)."""
+    n = getattr(lm.config, "num_hidden_layers", None)
+    if n is None:
+        n = getattr(lm.config, "n_layer", None)
+    candidates = [(name, mod) for name, mod in lm.named_modules()
+                  if isinstance(mod, nn.ModuleList) and len(mod) == n]
+    if not candidates:
+        raise ValueError(f"could not find the decoder layer list of {type(lm).__name__} "
+                         f"(no nn.ModuleList with num_hidden_layers={n} entries)")
+    return min(candidates, key=lambda c: c[0].count("."))[1]
+
+
+def fuse_layers(lm: nn.Module, blocks: dict[int, nn.Module]) -> nn.ModuleDict:
+    """Put `blocks[i]` in front of decoder layer i (in place); return the blocks as a ModuleDict."""
+    layers = find_layer_list(lm)
+    for i, block in blocks.items():
+        if not 0 <= i < len(layers):
+            raise ValueError(f"cross-attention layer index {i} is outside the decoder's {len(layers)} layers")
+        if isinstance(layers[i], FusedLayer):
+            raise ValueError(f"decoder layer {i} already has a bridge block")
+        layers[i] = FusedLayer(block, layers[i])
+    return nn.ModuleDict({str(i): b for i, b in blocks.items()})
+
+
+def cross_attn_layer_indices(num_layers: int, every: int, first_layer: int = 0,
+                             layers: list[int] | None = None) -> list[int]:
+    """Indices of the decoder layers that get a gated cross-attention block in front of them."""
+    if layers is not None:
+        return sorted(set(layers))
+    if every < 1:
+        raise ValueError(f"bridge.cross_attn.every must be >= 1, got {every}")
+    return list(range(first_layer, num_layers, every))
+
+
+class ExtendedEmbedding(nn.Module):
+    """The frozen input embedding plus a small trainable table for the tokens lmm adds.
+
+    Ids in `new_ids` read from the extra table; every other id reads the frozen matrix, which never trains.
+    """
+
+    def __init__(self, base: nn.Embedding, new_ids: list[int]):
+        super().__init__()
+        self.base = base
+        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
+        w = base.weight.detach()
+        init = w.float().mean(0, keepdim=True).repeat(len(new_ids), 1)  # mean embedding: a neutral start
+        self.extra = nn.Parameter(init + torch.randn_like(init) * w.float().std() * 0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids.unsqueeze(-1) == self.new_ids  # (..., K)
+        any_new = is_new.any(-1)
+        base_ids = torch.where(any_new, torch.zeros_like(ids), ids).clamp(max=self.base.num_embeddings - 1)
+        out = self.base(base_ids)
+        if any_new.any():
+            extra = (is_new.to(self.extra.dtype) @ self.extra).to(out.dtype)
+            out = torch.where(any_new.unsqueeze(-1), extra, out)
+        return out
+
+
+class ExtendedHead(nn.Module):
+    """The frozen LM head plus trainable output rows for the new tokens (so `<|endofchunk|>` is predictable)."""
+
+    def __init__(self, base: nn.Module, new_ids: list[int], hidden: int, vocab_out: int):
+        super().__init__()
+        self.base = base
+        self.vocab_out = vocab_out
+        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
+        w = base.weight.detach().float()
+        init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
+        self.extra = nn.Parameter(init + torch.randn_like(init) * w.std() * 0.02)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.base(h)
+        if logits.shape[-1] < self.vocab_out:  # new ids beyond the frozen vocabulary
+            pad = logits.new_full((*logits.shape[:-1], self.vocab_out - logits.shape[-1]), float("-inf"))
+            logits = torch.cat([logits, pad], dim=-1)
+        extra = (h.to(self.extra.dtype) @ self.extra.t()).to(logits.dtype)
+        return logits.index_copy(-1, self.new_ids, extra)

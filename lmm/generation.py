@@ -1,0 +1,323 @@
+"""Generation: vision features encoded once per prompt, the LM's KV cache reused across decode steps.
+
+Greedy, sampling (temperature, top-k, top-p) and beam search; stop on EOS or `<|endofchunk|>`; batched prompts
+with left padding; streaming; and log-likelihood scoring of candidate answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmm.tokens import IMAGE_TOKEN
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop_at_end_of_chunk: bool = True
+    seed: int | None = None
+    use_cache: bool = True
+
+
+def _split_kwargs(kwargs: dict) -> tuple[GenerationConfig, dict]:
+    names = {f.name for f in fields(GenerationConfig)}
+    cfg = GenerationConfig(**{k: v for k, v in kwargs.items() if k in names})
+    rest = {k: v for k, v in kwargs.items() if k not in names}
+    return cfg, rest
+
+
+def load_images(images) -> list:
+    """PIL images from PIL images or file paths; a missing or undecodable file is a clear ValueError."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for im in images or []:
+        if isinstance(im, (str, Path)):
+            p = Path(im)
+            if not p.is_file():
+                raise ValueError(f"image not found: {p}")
+            try:
+                with Image.open(p) as f:
+                    f.load()
+                    im = f.convert("RGB")
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"cannot decode image {p}: {e}") from e
+        elif not isinstance(im, Image.Image):
+            raise ValueError(f"expected a PIL image or a path, got {type(im).__name__}")
+        out.append(im)
+    return out
+
+
+def prepare_inputs(model, prompts: Sequence[str], images: Sequence[Sequence] | None,
+                   add_special_tokens: bool = True) -> dict:
+    """Tokenise prompts (left padding) and preprocess their images into (B, M, 1, C, H, W)."""
+    images = images if images is not None else [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    tok = model.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
+                          add_special_tokens=add_special_tokens)
+    loaded = [load_images(ims) for ims in images]
+    for i, (p, ims) in enumerate(zip(prompts, loaded)):
+        n = p.count(IMAGE_TOKEN)
+        if n != len(ims):
+            raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} marker(s) but {len(ims)} image(s) were given; "
+                             f"put one {IMAGE_TOKEN} where each image belongs")
+    batch = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+    M = max((len(ims) for ims in loaded), default=0)
+    if M:
+        tensors = [[model.image_processor(im) for im in ims] for ims in loaded]
+        C, H, W = next(t for ts in tensors for t in ts).shape
+        pix = torch.zeros(len(prompts), M, 1, C, H, W)
+        for b, ts in enumerate(tensors):
+            for m, t in enumerate(ts):
+                pix[b, m, 0] = t
+        batch["pixel_values"] = pix
+    return batch
+
+
+def _stop_ids(model, cfg: GenerationConfig) -> torch.Tensor:
+    ids = model.tokenizer.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    eos = getattr(model.lm.generation_config, "eos_token_id", None) if hasattr(model.lm, "generation_config") else None
+    if eos is not None:
+        ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if cfg.stop_at_end_of_chunk:
+        ids.append(model.eoc_token_id)
+    return torch.tensor(sorted({i for i in ids if i is not None}), device=model.device)
+
+
+def _select(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(cfg.temperature, 1e-5)
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest set with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _autocast(model):
+    if model.device.type == "cuda" and model.embed.base.weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=model.embed.base.weight.dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None, frame_mask=None,
+                 cfg: GenerationConfig | None = None) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding; yields the next token of every row (B,) per step (pad once a row stopped)."""
+    cfg = cfg or GenerationConfig()
+    dev = model.device
+    input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+    B = input_ids.shape[0]
+    stop = _stop_ids(model, cfg)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(stop[0])
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
+    media_count = (input_ids == model.image_token_id).sum(1)
+    with _autocast(model):
+        media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
+        out = model(input_ids, attention_mask, media=media, use_cache=cfg.use_cache, logits_to_keep=1)
+        mask, raw_mask, seq = out.attention_mask, attention_mask, input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        for _ in range(cfg.max_new_tokens):
+            logits = out.logits[:, -1].float()
+            logits[:, model.image_token_id] = float("-inf")  # images are inputs, never generated
+            nxt = torch.where(finished, torch.full_like(media_count, pad), _select(logits, cfg, gen))
+            yield nxt
+            finished |= torch.isin(nxt, stop)
+            if bool(finished.all()):
+                return
+            ones = mask.new_ones(B, 1)
+            mask, raw_mask, seq = torch.cat([mask, ones], 1), torch.cat([raw_mask, ones], 1), torch.cat([seq, nxt[:, None]], 1)
+            if cfg.use_cache:
+                out = model(nxt[:, None], mask, media=media, past_key_values=out.past_key_values, use_cache=True,
+                            media_offset=media_count, logits_to_keep=1)
+            else:  # recompute everything (reference path for tests)
+                out = model(seq, raw_mask, media=media, logits_to_keep=1)
+
+
+@torch.no_grad()
+def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None, frame_mask=None,
+                cfg: GenerationConfig | None = None) -> list[list[int]]:
+    """Beam search with length penalty; returns the best continuation (token ids, stop token excluded) per row."""
+    cfg = cfg or GenerationConfig(num_beams=4)
+    dev, nb = model.device, cfg.num_beams
+    input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+    B = input_ids.shape[0]
+    stop = set(_stop_ids(model, cfg).tolist())
+    rep = lambda t: t.repeat_interleave(nb, dim=0)  # noqa: E731
+    media_count = rep((input_ids == model.image_token_id).sum(1))
+    with _autocast(model):
+        media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
+        media = rep(media) if media is not None else None
+        out = model(rep(input_ids), rep(attention_mask), media=media, use_cache=True, logits_to_keep=1)
+        mask = out.attention_mask
+        scores = torch.full((B, nb), float("-inf"), device=dev)
+        scores[:, 0] = 0.0
+        beams: list[list[int]] = [[] for _ in range(B * nb)]
+        done: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        for step in range(cfg.max_new_tokens):
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            logp[:, model.image_token_id] = float("-inf")
+            V = logp.shape[-1]
+            cand = (scores.view(B * nb, 1) + logp).view(B, nb * V)
+            top_s, top_i = cand.topk(2 * nb, dim=-1)
+            new_scores = torch.full((B, nb), float("-inf"), device=dev)
+            src = torch.arange(B * nb, device=dev)
+            tokens = torch.full((B * nb,), next(iter(stop)), device=dev, dtype=torch.long)
+            new_beams = list(beams)
+            for b in range(B):
+                k = 0
+                for s, i in zip(top_s[b].tolist(), top_i[b].tolist()):
+                    beam, tok = divmod(i, V)
+                    if s == float("-inf"):
+                        break
+                    seq = beams[b * nb + beam]
+                    if tok in stop:
+                        done[b].append((s / max(len(seq) + 1, 1) ** cfg.length_penalty, seq))
+                        continue
+                    new_scores[b, k] = s
+                    src[b * nb + k] = b * nb + beam
+                    tokens[b * nb + k] = tok
+                    new_beams[b * nb + k] = seq + [tok]
+                    k += 1
+                    if k == nb:
+                        break
+            beams, scores = new_beams, new_scores
+            if all(len(d) >= nb and max(x[0] for x in d) >= (scores[b].max().item() / (step + 1) ** cfg.length_penalty
+                                                            if cfg.length_penalty >= 0 else float("inf"))
+                   for b, d in enumerate(done)):
+                break
+            out.past_key_values.reorder_cache(src)
+            mask = torch.cat([mask[src], mask.new_ones(B * nb, 1)], 1)
+            out = model(tokens[:, None], mask, media=media, past_key_values=out.past_key_values, use_cache=True,
+                        media_offset=media_count, logits_to_keep=1)
+        results = []
+        for b in range(B):
+            finals = list(done[b])
+            for k in range(nb):
+                if scores[b, k] > float("-inf"):
+                    seq = beams[b * nb + k]
+                    finals.append((scores[b, k].item() / max(len(seq), 1) ** cfg.length_penalty, seq))
+            results.append(max(finals, key=lambda x: x[0])[1])
+        return results
+
+
+def generate_ids(model, batch: dict, cfg: GenerationConfig) -> list[list[int]]:
+    """New token ids per row, stop token excluded."""
+    if cfg.num_beams > 1:
+        if cfg.do_sample:
+            raise ValueError("beam search with sampling is not supported; set do_sample=False or num_beams=1")
+        return beam_search(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                           batch.get("frame_mask"), cfg)
+    stop = set(_stop_ids(model, cfg).tolist())
+    B = batch["input_ids"].shape[0]
+    rows: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    for nxt in decode_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                            batch.get("frame_mask"), cfg):
+        for b, t in enumerate(nxt.tolist()):
+            if not finished[b]:
+                if t in stop:
+                    finished[b] = True
+                else:
+                    rows[b].append(t)
+    return rows
+
+
+def _check_length(model, batch: dict, cfg: GenerationConfig) -> None:
+    limit = getattr(model.lm.config, "max_position_embeddings", None)
+    n = batch["input_ids"].shape[1] + cfg.max_new_tokens
+    if limit is not None and n > limit:
+        raise ValueError(f"prompt of {batch['input_ids'].shape[1]} tokens + max_new_tokens={cfg.max_new_tokens} "
+                         f"exceeds the LM's context of {limit} tokens; shorten the prompt or max_new_tokens")
+
+
+def generate_text(model, prompts, images=None, add_special_tokens: bool = True, **kwargs):
+    single = isinstance(prompts, str)
+    if single:
+        prompts, images = [prompts], [images or []]
+    cfg, rest = _split_kwargs(kwargs)
+    if rest:
+        raise TypeError(f"unknown generation arguments: {sorted(rest)}")
+    batch = prepare_inputs(model, prompts, images, add_special_tokens)
+    _check_length(model, batch, cfg)
+    rows = generate_ids(model, batch, cfg)
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+    return texts[0] if single else texts
+
+
+def stream_text(model, prompt: str, images=None, add_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+    cfg, rest = _split_kwargs(kwargs)
+    if rest:
+        raise TypeError(f"unknown generation arguments: {sorted(rest)}")
+    if cfg.num_beams > 1:
+        raise ValueError("streaming needs num_beams=1")
+    batch = prepare_inputs(model, [prompt], [images or []], add_special_tokens)
+    _check_length(model, batch, cfg)
+    stop = set(_stop_ids(model, cfg).tolist())
+    ids: list[int] = []
+    sent = ""
+    for nxt in decode_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), None, cfg):
+        t = int(nxt[0])
+        if t in stop:
+            break
+        ids.append(t)
+        text = model.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+
+
+@torch.no_grad()
+def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence[str], batch_size: int = 16,
+                     add_special_tokens: bool = True) -> torch.Tensor:
+    """Summed log p(candidate | prompt, images) for every (prompt, candidate): (len(prompts), len(candidates))."""
+    images = images if images is not None else [[] for _ in prompts]
+    tok = model.tokenizer
+    cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    if any(len(c) == 0 for c in cand_ids):
+        raise ValueError("empty candidate string")
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(candidates))]
+    scores = torch.zeros(len(prompts), len(candidates))
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        enc = prepare_inputs(model, [prompts[i] for i, _ in chunk], [images[i] for i, _ in chunk], add_special_tokens)
+        rows, labels = [], []
+        for r, (i, j) in enumerate(chunk):
+            p_ids = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()
+            rows.append(p_ids + cand_ids[j])
+            labels.append([-100] * len(p_ids) + cand_ids[j])
+        T = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+        lab = torch.tensor([l + [-100] * (T - len(l)) for l in labels])
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        with _autocast(model):
+            out = model(ids, mask, pixel_values=enc.get("pixel_values"), labels=lab)
+        logits = out.logits.float()[:, :-1]
+        target = out.labels[:, 1:]  # labels follow the (possibly `<image>`-expanded) sequence
+        logp = -F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        for r, (i, j) in enumerate(chunk):
+            scores[i, j] = logp[r].sum().cpu()
+    return scores
