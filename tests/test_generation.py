@@ -1,0 +1,99 @@
+"""Cached decoding equals recomputation; left-padded batches equal single prompts; stops and streaming."""
+
+import pytest
+import torch
+
+from lmm.testing import tiny_lmm
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {b: tiny_lmm(family="llama", bridge=b, seed=3, gates=0.8) for b in ("flamingo", "qformer", "projector")}
+
+
+@pytest.mark.parametrize("bridge", ["flamingo", "qformer", "projector"])
+def test_cached_greedy_equals_uncached(models, bridge, images):
+    m = models[bridge]
+    prompt = "<image>a photo of<|endofchunk|><image>the answer is"
+    kw = dict(max_new_tokens=12, stop_at_end_of_chunk=False)
+    m.tokenizer.eos_token_id  # noqa: B018
+    cached = m.generate(prompt, images=images[:2], use_cache=True, **kw)
+    uncached = m.generate(prompt, images=images[:2], use_cache=False, **kw)
+    assert cached == uncached
+
+
+@pytest.mark.parametrize("bridge", ["flamingo", "qformer"])
+def test_left_padded_batch_equals_each_prompt_alone(models, bridge, images):
+    m = models[bridge]
+    prompts = ["<image>a", "two people riding bikes <image> on a street and a dog playing", "<image>x<image>what color"]
+    ims = [[images[0]], [images[1]], [images[2], images[3]]]
+    batch = m.generate(prompts, images=ims, max_new_tokens=8)
+    alone = [m.generate(p, images=i, max_new_tokens=8) for p, i in zip(prompts, ims)]
+    assert batch == alone
+
+
+def test_decoding_uses_the_image(models, images):
+    m = models["flamingo"]
+    outs = {m.generate("<image>a photo of", images=[im], max_new_tokens=6, stop_at_end_of_chunk=False) for im in images}
+    assert len(outs) > 1
+
+
+def test_stop_at_end_of_chunk(models, images):
+    from lmm.generation import GenerationConfig, generate_ids, prepare_inputs
+
+    m = models["flamingo"]
+    batch = prepare_inputs(m, ["<image>a photo of"], [[images[0]]])
+    first = generate_ids(m, batch, GenerationConfig(max_new_tokens=1))[0][0]
+    saved = m.head.extra.detach().clone()
+    with torch.no_grad():  # <|endofchunk|>'s output row = 3x the row of the greedy token: it wins
+        m.head.extra[1].copy_(3 * m.head.base.weight[first])
+    try:
+        free = generate_ids(m, batch, GenerationConfig(max_new_tokens=3, stop_at_end_of_chunk=False))[0]
+        stopped = generate_ids(m, batch, GenerationConfig(max_new_tokens=3, stop_at_end_of_chunk=True))[0]
+    finally:
+        with torch.no_grad():
+            m.head.extra.copy_(saved)
+    assert free[0] == m.eoc_token_id and len(free) == 3
+    assert stopped == []
+
+
+def test_stream_concatenates_to_generate(models, images):
+    m = models["projector"]
+    whole = m.generate("<image>a photo of", images=[images[1]], max_new_tokens=10)
+    assert "".join(m.stream("<image>a photo of", images=[images[1]], max_new_tokens=10)) == whole
+
+
+def test_sampling_is_deterministic_with_seed_and_beams_run(models, images):
+    m = models["flamingo"]
+    kw = dict(images=[images[0]], max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, top_k=50)
+    a, b = m.generate("<image>a", seed=7, **kw), m.generate("<image>a", seed=7, **kw)
+    assert a == b
+    greedy = m.generate("<image>a", images=[images[0]], max_new_tokens=6)
+    assert m.generate("<image>a", images=[images[0]], max_new_tokens=6, num_beams=1) == greedy
+    beam = m.generate(["<image>a", "<image>b c"], images=[[images[0]], [images[1]]], max_new_tokens=6, num_beams=3)
+    assert len(beam) == 2
+
+
+def test_beam_search_finds_higher_likelihood_than_greedy(models, images):
+    m = models["flamingo"]
+    prompt = "<image>the answer is"
+    greedy = m.generate(prompt, images=[images[0]], max_new_tokens=4, stop_at_end_of_chunk=False)
+    beam = m.generate(prompt, images=[images[0]], max_new_tokens=4, num_beams=4, stop_at_end_of_chunk=False,
+                      length_penalty=0.0)
+    s = m.score([prompt], [[images[0]]], [greedy, beam])
+    if greedy and beam:
+        assert s[0, 1] >= s[0, 0] - 1e-4
+
+
+def test_bad_inputs_give_clear_errors(models, images, tmp_path):
+    m = models["flamingo"]
+    with pytest.raises(ValueError, match="marker"):
+        m.generate("no marker here", images=[images[0]])
+    with pytest.raises(ValueError, match="not found"):
+        m.generate("<image>x", images=[tmp_path / "missing.png"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot decode"):
+        m.generate("<image>x", images=[bad])
+    with pytest.raises(ValueError, match="context"):
+        m.generate("a " * 300, max_new_tokens=5)
