@@ -131,3 +131,77 @@ class ExtendedHead(nn.Module):
             logits = torch.cat([logits, pad], dim=-1)
         extra = (h.to(self.extra.dtype) @ self.extra.t()).to(logits.dtype)
         return logits.index_copy(-1, self.new_ids, extra)
+
+
+class _Captured(Exception):
+    pass
+
+
+class DecoderReplay:
+    """Run an HF decoder from layer k on saved hidden states (frozen-prefix caching).
+
+    Below the lowest bridge layer a frozen LM's hidden states depend on the text alone, so a trainer may compute
+    them once per distinct text and replay only the top layers. The layer arguments (rotary embeddings, mask) and
+    the modules that follow the last layer (final norm, projections) are learnt by watching one real forward, so
+    nothing about a family is hard-coded; a test checks replay == full forward for every supported family.
+    """
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        self.layers = find_layer_list(lm)
+        self.owner = next(m for m in lm.modules() if any(c is self.layers for c in m.children()))
+        self._tail: list[nn.Module] | None = None
+        self._kwargs: dict = {}
+
+    def capture(self, layer: int, **forward_kwargs) -> tuple[torch.Tensor, dict]:
+        """Hidden states entering decoder layer `layer` and the keyword arguments the decoder gives it."""
+        box: dict = {}
+
+        def hook(module, args, kwargs):
+            box["h"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            box["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Captured
+
+        handle = self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.lm.base_model(**forward_kwargs)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return box["h"], box["kw"]
+
+    def tail(self) -> list[nn.Module]:
+        """Children of the layer list's owner that run after the last layer (e.g. the final norm)."""
+        if self._tail is None:
+            order: list[nn.Module] = []
+            children = [c for c in self.owner.children() if c is not self.layers]
+            hooks = [c.register_forward_hook(lambda m, a, o: order.append(m)) for c in children]
+            last = self.layers[len(self.layers) - 1]
+            hooks.append(last.register_forward_hook(lambda m, a, o: order.append(last)))
+            try:
+                with torch.no_grad():
+                    dev = self.lm.get_input_embeddings().weight.device
+                    self.lm.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev))
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._tail = order[order.index(last) + 1:]
+        return self._tail
+
+    def layer_kwargs(self, seq_len: int, device: torch.device) -> dict:
+        """Arguments for a causal, unpadded (or right-padded) batch of length `seq_len` (broadcast over rows)."""
+        key = (seq_len, str(device))
+        if key not in self._kwargs:
+            with torch.no_grad():
+                _, kw = self.capture(0, input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device))
+            self._kwargs[key] = kw
+        return self._kwargs[key]
+
+    def run(self, hidden: torch.Tensor, start: int, layer_kwargs: dict) -> torch.Tensor:
+        for layer in self.layers[start:]:
+            out = layer(hidden, **layer_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        for m in self.tail():
+            hidden = m(hidden)
+        return hidden

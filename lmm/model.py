@@ -26,7 +26,7 @@ from lmm.adapters import GatedCrossAttentionBlock, PerceiverResampler, Projector
 from lmm.backbones.language import load_language_model, load_tokenizer
 from lmm.backbones.vision import build_vision_tower
 from lmm.config import ConfigError, LMMConfig, from_dict
-from lmm.fusion import (MEDIA_KWARG, ExtendedEmbedding, ExtendedHead, FusedLayer, MediaContext,
+from lmm.fusion import (MEDIA_KWARG, DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, MediaContext,
                         cross_attn_layer_indices, find_layer_list, fuse_layers)
 from lmm.tokens import IMAGE_TOKEN, add_media_tokens
 
@@ -45,6 +45,7 @@ class LMMOutput:
     past_key_values: Any = None
     attention_mask: torch.Tensor | None = None  # after `<image>` expansion (Q-Former / projector)
     labels: torch.Tensor | None = None  # idem
+    token_losses: torch.Tensor | None = None  # (B, T-1) next-token losses, 0 where labels are -100
 
 
 class MediaFlatten(nn.Module):
@@ -277,9 +278,12 @@ class LMM(nn.Module):
                 frame_mask: torch.Tensor | None = None, media: torch.Tensor | None = None,
                 vision_features: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 media_offset: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_logits: bool = True) -> LMMOutput:
+                return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
+                prefix_layer: int | None = None) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
-        `media_offset` (B,) counts the images already consumed by earlier (cached) tokens."""
+        `media_offset` (B,) counts the images already consumed by earlier (cached) tokens.
+        `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from `prefix_hidden_states`,
+        right padding only); the layers below are skipped (frozen-prefix caching for training)."""
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -323,20 +327,64 @@ class LMM(nn.Module):
                       position_ids=position_ids.to(self.device), past_key_values=past_key_values, use_cache=use_cache)
         if ctx is not None:
             kwargs[MEDIA_KWARG] = ctx
-        out = self.lm.base_model(**kwargs)
-        h = out.last_hidden_state
-        loss = None
+        if prefix_hidden is not None:
+            if segment_ids is not None or past_key_values is not None or self.config.bridge.kind != "flamingo":
+                raise ValueError("prefix_hidden works with the flamingo bridge, unpacked rows and no cache")
+            replay = self._decoder_replay()
+            layer_kwargs = dict(replay.layer_kwargs(T, self.device))
+            if ctx is not None:
+                layer_kwargs[MEDIA_KWARG] = ctx
+            h = replay.run(prefix_hidden.to(self.device), prefix_layer, layer_kwargs)
+            out = None
+        else:
+            out = self.lm.base_model(**kwargs)
+            h = out.last_hidden_state
+        loss = token_losses = None
         if labels is not None:
             labels = labels.to(self.device)
             target = labels[:, 1:]
             keep = target != -100
             sel = self.head(h[:, :-1][keep])  # logits only where a loss is taken
-            loss = F.cross_entropy(sel.float(), target[keep], reduction="sum") / keep.sum().clamp(min=1)
+            per_token = F.cross_entropy(sel.float(), target[keep], reduction="none")
+            token_losses = torch.zeros(target.shape, dtype=per_token.dtype, device=per_token.device)
+            token_losses = token_losses.masked_scatter(keep, per_token)
+            loss = per_token.sum() / keep.sum().clamp(min=1)
         logits = None
         if return_logits:
             logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache else None,
-                         attention_mask=attention_mask, labels=labels)
+        return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache and out else None,
+                         attention_mask=attention_mask, labels=labels, token_losses=token_losses)
+
+    def _decoder_replay(self) -> DecoderReplay:
+        if getattr(self, "_replay", None) is None:
+            self._replay = DecoderReplay(self.lm)
+        return self._replay
+
+    def lowest_bridge_layer(self) -> int:
+        """Index of the first decoder layer that reads media (flamingo), i.e. the frozen prefix depth."""
+        idx = [i for i, m in enumerate(find_layer_list(self.lm)) if isinstance(m, FusedLayer)]
+        if not idx:
+            raise ValueError("prefix caching needs the flamingo bridge (cross-attention layers)")
+        return idx[0]
+
+    @torch.no_grad()
+    def prefix_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             layer: int | None = None) -> torch.Tensor:
+        """Hidden states entering decoder layer `layer` (default: the lowest bridge layer). They depend on the text
+        only, so a trainer can compute them once per distinct text and pass them back as `prefix_hidden`."""
+        layer = self.lowest_bridge_layer() if layer is None else layer
+        if layer > self.lowest_bridge_layer():
+            raise ValueError(f"layer {layer} is above the lowest bridge layer {self.lowest_bridge_layer()}: "
+                             "its input would depend on the images")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        if bool((attention_mask[:, 0] == 0).any()):
+            raise ValueError("prefix_hidden_states needs right padding")
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h, _ = self._decoder_replay().capture(layer, inputs_embeds=self.embed(input_ids), position_ids=position_ids)
+        return h
 
     def _splice(self, embeds, is_img, media, attention_mask, labels, segment_ids):
         """Expand each `<image>` token into the K media embeddings (Q-Former / projector bridges)."""

@@ -85,7 +85,8 @@ def tiny_vision_config(kind: str = "open_clip"):
                                               "patch_size": 8})
 
 
-def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip", **bridge_kw):
+def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip",
+                    cross_attn_layers: list[int] | None = None, **bridge_kw):
     """An LMMConfig of tiny random parts (a few hundred thousand parameters), fp32."""
     from lmm.config import BridgeConfig, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig, QFormerConfig
 
@@ -94,21 +95,21 @@ def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str
                                                                                  "dtype", "torch_dtype")}
     bridge_cfg = BridgeConfig(kind=bridge,
                               perceiver=PerceiverConfig(num_latents=4, depth=1, heads=2, head_dim=8, max_media=8),
-                              cross_attn=CrossAttnConfig(every=2, heads=2, head_dim=8),
+                              cross_attn=CrossAttnConfig(every=2, heads=2, head_dim=8, layers=cross_attn_layers),
                               qformer=QFormerConfig(num_queries=4, depth=2, hidden=16, heads=2), **bridge_kw)
     return LMMConfig(vision=tiny_vision_config(vision), language=LanguageConfig(hf_config=keep), bridge=bridge_cfg,
                      dtype="fp32", name=f"tiny-{family}-{bridge}")
 
 
 def tiny_lmm(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip", seed: int = 0,
-             gates: float | None = None, **bridge_kw):
+             gates: float | None = None, cross_attn_layers: list[int] | None = None, **bridge_kw):
     """A tiny random LMM on CPU with the tiny tokenizer. `gates` sets every tanh gate (default 0: exact bare LM)."""
     import torch
 
     from lmm.model import LMM
 
     torch.manual_seed(seed)
-    model = LMM.from_config(tiny_lmm_config(family, bridge, vision, **bridge_kw), tokenizer=tiny_tokenizer(),
+    model = LMM.from_config(tiny_lmm_config(family, bridge, vision, cross_attn_layers, **bridge_kw), tokenizer=tiny_tokenizer(),
                             device="cpu")
     if gates is not None:
         with torch.no_grad():

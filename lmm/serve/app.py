@@ -1,0 +1,185 @@
+"""The OpenAI-compatible HTTP app: `POST /v1/chat/completions` (JSON or server-sent events),
+`GET /v1/models`, `GET /health`, `GET /stats` (batching counters).
+
+    from lmm.serve.app import create_app
+    app = create_app(model, "my-model", api_key="secret")   # then: uvicorn.run(app, port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lmm.serve.batcher import Batcher, Job
+from lmm.serve.protocol import (APIError, ChatRequest, bad_request, check_prompt, chunk_body, completion_body,
+                                parse_json, parse_settings, resolve_messages)
+
+log = logging.getLogger("lmm.serve")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_DONE = object()
+
+
+def create_app(model, model_name: str, api_key: str | None = None, allow_local_dir: str | Path | None = None,
+               max_batch_size: int = 16, max_wait_ms: float = 10.0, default_max_tokens: int = 256):
+    """A FastAPI app serving `model` under `model_name`; one `Batcher` worker owns the model."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from lmm.chat import render_messages
+
+    allow_dir = Path(allow_local_dir).resolve() if allow_local_dir else None
+    context = getattr(model.lm.config, "max_position_embeddings", None)
+    tokenizer = model.tokenizer
+    started = int(time.time())
+
+    def generate(conversations, settings):
+        return model.chat(conversations, **settings.kwargs())
+
+    def stream(conversation, settings):
+        prompt, images = render_messages(tokenizer, conversation)
+        return model.stream(prompt, images, add_special_tokens=False, stop_at_end_of_chunk=False, **settings.kwargs())
+
+    batcher = Batcher(generate, stream, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="lmm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+
+    def error_response(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e):
+        log.exception("unexpected error")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error",
+                                       type_="server_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return error_response(APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                               "invalid_api_key"))
+        return await call_next(request)
+
+    def check_model(name) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           "model_not_found", "model")
+
+    def prepare(raw: bytes) -> ChatRequest:
+        """Parse + validate a request and decode its images (runs in a worker thread, off the event loop)."""
+        body = parse_json(raw)
+        check_model(body.get("model"))
+        stream_flag = body.get("stream", False)
+        if not isinstance(stream_flag, bool):
+            raise bad_request("'stream' must be true or false", "invalid_value", "stream")
+        explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+        settings = parse_settings(body, default_max_tokens)
+        messages = resolve_messages(body.get("messages"), allow_dir)
+        try:
+            prompt, images = render_messages(tokenizer, messages)
+        except ValueError as e:
+            raise bad_request(str(e), "invalid_messages", "messages") from None
+        if not explicit and context is not None:  # fit the default answer length into what the context leaves
+            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            settings = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, context - n)))
+        n_tokens = check_prompt(tokenizer, prompt, len(images), settings.max_new_tokens, context)
+        return ChatRequest(messages=messages, settings=settings, stream=stream_flag, prompt=prompt,
+                           prompt_tokens=n_tokens)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/stats")
+    async def stats():
+        return batcher.stats()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "lmm"}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str):
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "lmm"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES // 2**20} MiB", "request_too_large")
+        req = await run_in_threadpool(prepare, await request.body())
+        if req.stream:
+            return StreamingResponse(sse(req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        job = batcher.submit(Job(req.messages, req.settings))
+        try:
+            text = await asyncio.wrap_future(job.future)
+        except ValueError as e:
+            raise bad_request(str(e), "invalid_request") from None
+        return completion_body(req, model_name, text, count_tokens(text))
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def sse(req: ChatRequest):
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def push(item) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: the client left
+                job.cancelled.set()
+
+        job = Job(req.messages, req.settings, on_piece=push)
+        job.future.add_done_callback(lambda f: push(_DONE))
+        batcher.submit(job)
+        try:
+            yield event(chunk_body(req, model_name, {"role": "assistant", "content": ""}))
+            while (item := await pieces.get()) is not _DONE:
+                yield event(chunk_body(req, model_name, {"content": item}))
+            err = job.future.exception()
+            if err is not None:
+                e = err if isinstance(err, APIError) else (
+                    bad_request(str(err)) if isinstance(err, ValueError)
+                    else APIError(500, f"internal error: {err}", "internal_error", type_="server_error"))
+                yield event(e.body())
+            else:
+                done = count_tokens(job.future.result()) >= req.settings.max_new_tokens
+                yield event(chunk_body(req, model_name, {}, "length" if done else "stop"))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()
+
+    return app

@@ -1,0 +1,233 @@
+"""The typed run configuration of `train.py` / `lmm train`, and its start-up validation.
+
+    cfg = load_train_config("configs/instruct_lora.yaml", ["optim.lr=1e-4", "schedule.max_steps=200"])
+    cfg.validate()          # misspellings, missing data paths, impossible batch settings: ConfigError
+
+Validation runs before any model or data loads, so a bad config fails within a second.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from lmm.config import ConfigError, LMMConfig, apply_overrides, from_dict, to_dict
+from lmm.data.config import DataConfig
+
+RESOLVED_CONFIG = "config.yaml"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the trainable parameters only (bridge, new token rows, LoRA)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # not applied to biases, norms, gates and other 1-D parameters
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    gate_lr_mult: float = 10.0  # tanh gates of the cross-attention blocks learn this much faster
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: Optional[int] = None  # if set: data.batch_size = global / (world_size x grad_accum)
+    fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
+    eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = 1000  # optimizer steps
+    warmup_steps: int = 100  # linear warmup from 0
+    kind: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    min_lr_ratio: float = 0.0  # cosine/linear decay to lr x this
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0: none until the end)
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    resume: Optional[str] = "auto"  # auto: latest complete checkpoint in run_dir, a path, or null: start fresh
+    at_end: bool = True  # also checkpoint the final step
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # steps between printed log lines (the metrics file gets every step)
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "lmm"
+    progress: bool = True  # progress bar on rank 0
+    plot: bool = True  # loss-curve PNG at the end
+
+
+@dataclass
+class EvalConfig:
+    """When the trainer calls the `evaluate(model) -> dict` hook it was given (if any)."""
+
+    every: int = 0  # steps between evaluations (0: only at the end)
+    at_end: bool = True
+    at_start: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """One training run: which model, which data, how to optimise, where to write."""
+
+    name: str = "run"
+    model: Optional[LMMConfig] = None  # build from a model config (random bridge) ...
+    preset: Optional[str] = None  # ... or start from a preset name / a save_pretrained directory
+    model_overrides: list[str] = field(default_factory=list)  # dotted LMMConfig overrides for the preset (lora.r=8)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: Optional[str] = None  # default: runs/<name>
+    output_dir: Optional[str] = None  # the final save_pretrained directory (default: <run_dir>/final)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    distributed: Literal["none", "ddp", "fsdp2"] = "none"  # launch with torchrun for more than one process
+    device: Optional[str] = None  # default: cuda:<local_rank> if available, else cpu
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests)
+    max_nan_steps: int = 5  # this many consecutive non-finite losses stop the run
+    loss_average: Literal["token", "task"] = "token"  # mean over tokens, or mean of per-dataset means (4M)
+    freeze_new_token_rows: bool = False  # keep the <image>/<|endofchunk|> embedding rows frozen (cheaper backward)
+
+    # ------------------------------------------------------------------ paths
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else self.resolved_run_dir() / "final"
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, world_size: Optional[int] = None, data: bool = True) -> "TrainConfig":
+        """Fail with a ConfigError naming the problem; resolves data.batch_size from optim.global_batch_size.
+
+        world_size defaults to $WORLD_SIZE (torchrun) or 1. `data=False` skips the data checks (for a
+        trainer fed by a prebuilt batch source)."""
+        ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if (self.model is None) == (self.preset is None):
+            raise ConfigError("give exactly one of `model:` (a model config) or `preset:` (a preset name or a "
+                              "save_pretrained directory)")
+        if self.model_overrides and self.preset is None:
+            raise ConfigError("model_overrides apply to a preset; with `model:` edit the model section instead")
+        if self.model is not None and self.model.language.load_in_4bit and not _cuda():
+            raise ConfigError("model.language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; set "
+                              "model.language.load_in_4bit=false to train in full precision on this machine")
+        self._validate_optim(ws)
+        s = self.schedule
+        if s.max_steps < 1:
+            raise ConfigError(f"schedule.max_steps must be >= 1, got {s.max_steps}")
+        if s.warmup_steps < 0 or s.warmup_steps > s.max_steps:
+            raise ConfigError(f"schedule.warmup_steps ({s.warmup_steps}) must be between 0 and schedule.max_steps "
+                              f"({s.max_steps})")
+        if not 0.0 <= s.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        c = self.checkpoint
+        if c.every < 0 or c.keep_last < 1:
+            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1 "
+                              f"(got every={c.every}, keep_last={c.keep_last})")
+        if c.resume not in (None, "auto") and not Path(c.resume).is_dir():
+            raise ConfigError(f"checkpoint.resume: checkpoint folder not found: {c.resume} "
+                              "(use `auto` for the latest one in the run folder, or null to start fresh)")
+        if self.logging.log_every < 1:
+            raise ConfigError(f"logging.log_every must be >= 1, got {self.logging.log_every}")
+        if self.eval.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.eval.every}")
+        if self.max_nan_steps < 1:
+            raise ConfigError(f"max_nan_steps must be >= 1, got {self.max_nan_steps}")
+        if ws > 1 and self.distributed == "none":
+            raise ConfigError(f"launched with {ws} processes but distributed=none; set distributed=ddp or "
+                              "distributed=fsdp2")
+        if self.precision == "bf16" and not _cuda():
+            raise ConfigError("precision=bf16 needs a GPU (bf16 on this CPU is ~30x slower); use precision=auto")
+        if data:
+            self._validate_data()
+        return self
+
+    def _validate_optim(self, ws: int) -> None:
+        o = self.optim
+        if o.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+        if o.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.grad_clip < 0 or o.gate_lr_mult <= 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0 and optim.gate_lr_mult > 0 "
+                              f"(got {o.grad_clip}, {o.gate_lr_mult})")
+        if o.eight_bit and not _cuda():
+            raise ConfigError("optim.eight_bit (bitsandbytes AdamW8bit) needs CUDA; set optim.eight_bit=false")
+        if o.global_batch_size is not None:
+            per_step = ws * o.grad_accum
+            if o.global_batch_size < 1 or o.global_batch_size % per_step:
+                raise ConfigError(f"optim.global_batch_size={o.global_batch_size} is not divisible by world_size "
+                                  f"({ws}) x optim.grad_accum ({o.grad_accum}) = {per_step}; pick a multiple of "
+                                  f"{per_step}")
+            self.data.batch_size = o.global_batch_size // per_step
+
+    def _validate_data(self) -> None:
+        from lmm.data.errors import DataError
+        from lmm.data.sources import expand_paths
+
+        stages = self.data.resolved_stages()
+        for st in stages:
+            for d in st.datasets:
+                if d.source == "easyvqa":
+                    import importlib.util
+
+                    if importlib.util.find_spec("easy_vqa") is None:
+                        raise ConfigError("data: the easy-vqa demo data needs `pip install easy-vqa` "
+                                          "(or `pip install lmm[demo]`)")
+                    continue
+                try:
+                    found = expand_paths(d.path)
+                except DataError as e:
+                    raise ConfigError(f"data: dataset {d.display_name()!r}: {e}") from None
+                if not found:
+                    raise ConfigError(f"data: dataset {d.display_name()!r}: nothing matches path {d.path!r}")
+                if d.image_root and not os.path.isdir(os.path.expanduser(d.image_root)):
+                    raise ConfigError(f"data: dataset {d.display_name()!r}: image_root folder not found: "
+                                      f"{d.image_root}")
+        if self.data.epochs is not None and self.data.epochs < 1:
+            raise ConfigError(f"data.epochs must be >= 1 or null (endless), got {self.data.epochs}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file plus dotted `key=value` overrides (unknown keys raise ConfigError)."""
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    return TrainConfig.from_dict(apply_overrides(d, overrides))
