@@ -41,10 +41,19 @@ def _join(parts: list[str]) -> list[str]:
     return out
 
 
-def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list]:
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Prepend the model's default system message when the conversation brings none."""
+    if system_prompt is None or any(m.get("role") == "system" for m in messages):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                    system_prompt: str | None = None) -> tuple[str, list]:
     """(prompt text, images in order). Image parts may be PIL images or paths (data: URLs are decoded by the server)."""
     images: list = []
     flat = []
+    messages = with_system_prompt(messages, system_prompt)
     for m in messages:
         if "role" not in m or "content" not in m:
             raise ValueError(f"each message needs 'role' and 'content': {m}")

@@ -130,6 +130,7 @@ class LMMConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     dtype: str = "auto"  # frozen weights: auto = bf16 on CUDA, fp32 on CPU
     name: str = "lmm"
+    system_prompt: Optional[str] = None  # chat: used when a conversation brings no system message
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "LMMConfig":

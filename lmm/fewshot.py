@@ -13,7 +13,8 @@ query is the template's part before `{text}` followed by the query text, left op
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lmm.tokens import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 

@@ -194,7 +194,9 @@ class DecoderReplay:
         key = (seq_len, str(device))
         if key not in self._kwargs:
             with torch.no_grad():
-                _, kw = self.capture(0, input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device))
+                _, kw = self.capture(0, input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device),
+                                     use_cache=False)
+            kw.pop("past_key_values", None)  # a cache kept here would collect every replay's keys and values
             self._kwargs[key] = kw
         return self._kwargs[key]
 

@@ -287,6 +287,9 @@ def stream_text(model, prompt: str, images=None, add_special_tokens: bool = True
         if len(text) > len(sent):
             yield text[len(sent):]
             sent = text
+    text = model.tokenizer.decode(ids, skip_special_tokens=True)  # whatever was held back at the end
+    if len(text) > len(sent):
+        yield text[len(sent):]
 
 
 @torch.no_grad()

@@ -438,15 +438,20 @@ class LMM(nn.Module):
     def chat(self, messages, **kwargs):
         """Answer a conversation (OpenAI-style messages, images as content parts); a list of conversations
         gives a list of answers."""
-        from lmm.chat import render_messages
-
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         convs = messages if batched else [messages]
-        rendered = [render_messages(self.tokenizer, c) for c in convs]
+        rendered = [self.render_chat(c) for c in convs]
         kwargs.setdefault("stop_at_end_of_chunk", False)
         kwargs.setdefault("add_special_tokens", False)  # the chat template writes its own special tokens
         out = self.generate([r[0] for r in rendered], [r[1] for r in rendered], **kwargs)
         return out if batched else out[0]
+
+    def render_chat(self, messages: list[dict]) -> tuple[str, list]:
+        """(prompt, images) for a conversation, with this model's default system prompt: what `chat` feeds
+        `generate` (with add_special_tokens=False, stop_at_end_of_chunk=False)."""
+        from lmm.chat import render_messages
+
+        return render_messages(self.tokenizer, messages, system_prompt=self.config.system_prompt)
 
     def score(self, prompts: Sequence[str], images, candidates: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Summed log-likelihood of each candidate continuation after each prompt: (len(prompts), len(candidates))."""

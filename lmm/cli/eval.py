@@ -26,7 +26,7 @@ def parse_shots(text: str) -> list[int]:
                                  param_hint="--shots") from None
     if not shots or any(s < 0 for s in shots):
         raise typer.BadParameter(f"expected non-negative shot counts such as 0,4,8, got {text!r}", param_hint="--shots")
-    return shots
+    return list(dict.fromkeys(shots))  # "0,4,4" runs 4 shots once
 
 
 def model_identity(model: str) -> str:
@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, "--batch-size", help="Test samples per model call."),
         seed: int = typer.Option(0, "--seed", help="First trial's seed (also easy-vqa's subset shuffle)."),
         num_beams: int = typer.Option(3, "--num-beams", help="Beams for captioning / VQA generation."),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens",
+                                                     help="Cap generated tokens (default: 20 captions, 5 VQA)."),
         zero_shot_text_demos: int = typer.Option(2, "--zero-shot-text-demos",
                                                  help="Text-only demos before a 0-shot query (0: none)."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
@@ -73,7 +75,8 @@ def register(app: typer.Typer) -> None:
             cfg = EvalConfig(tasks=task_names, shots=parse_shots(shots),
                              data_root=None if data_root is None else str(data_root), limit=limit, trials=trials,
                              seed=seed, rices=rices, batch_size=batch_size, out=str(out), num_beams=num_beams,
-                             zero_shot_text_demos=zero_shot_text_demos, meteor=meteor, progress=progress)
+                             zero_shot_text_demos=zero_shot_text_demos, max_new_tokens=max_new_tokens, meteor=meteor,
+                             progress=progress)
             cfg.validate()
             from lmm.model import LMM
 

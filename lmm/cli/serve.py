@@ -8,15 +8,14 @@ from typing import Optional
 
 import typer
 
-HELP = """Serve a model over an OpenAI-compatible HTTP API (needs: pip install 'lmm[serve]').
-
-Endpoints: POST /v1/chat/completions (text + image_url parts as data: URLs; "stream": true for server-sent
-events), GET /v1/models, GET /health, GET /stats (batching counters). Concurrent requests with the same
-settings are answered in one batched forward. temperature omitted or 0 means greedy decoding.
-
-  lmm serve --model runs/my-model --port 8000 --api-key secret
-  curl -H 'Authorization: Bearer secret' http://127.0.0.1:8000/v1/models
-"""
+HELP = (
+    "Serve a model over an OpenAI-compatible HTTP API (needs the serve extra: fastapi, uvicorn).\n\n"
+    'Endpoints: POST /v1/chat/completions (text + image_url parts as data: URLs; "stream": true for server-sent '
+    "events), GET /v1/models, GET /health, GET /stats (batching counters). Concurrent requests with the same "
+    "settings are answered in one batched forward. temperature omitted or 0 means greedy decoding.\n\n"
+    "  lmm serve --model runs/my-model --port 8000 --api-key secret\n"
+    "  curl -H 'Authorization: Bearer secret' http://127.0.0.1:8000/v1/models\n"
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -44,7 +43,7 @@ def register(app: typer.Typer) -> None:
         batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0,
                                             help="How long the batcher waits for more requests."),
         max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length when a request sets none."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ):
         try:

@@ -5,19 +5,29 @@
     app = create_app(model, "my-model", api_key="secret")   # then: uvicorn.run(app, port=8000)
 """
 
-from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from lmm.serve.batcher import Batcher, Job
-from lmm.serve.protocol import (APIError, ChatRequest, bad_request, check_prompt, chunk_body, completion_body,
-                                parse_json, parse_settings, resolve_messages)
+from lmm.serve.protocol import (
+    APIError,
+    ChatRequest,
+    bad_request,
+    check_prompt,
+    chunk_body,
+    completion_body,
+    parse_json,
+    parse_settings,
+    resolve_messages,
+)
 
 log = logging.getLogger("lmm.serve")
 
@@ -35,18 +45,23 @@ def create_app(model, model_name: str, api_key: str | None = None, allow_local_d
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from lmm.chat import render_messages
-
     allow_dir = Path(allow_local_dir).resolve() if allow_local_dir else None
     context = getattr(model.lm.config, "max_position_embeddings", None)
-    tokenizer = model.tokenizer
+    # request threads count tokens on their own copy: a fast tokenizer shared with the generating thread can
+    # fail with "Already borrowed" when both use it at once
+    counter, counter_lock = copy.deepcopy(model.tokenizer), threading.Lock()
+
+    def count_tokens(text: str) -> int:
+        with counter_lock:
+            return len(counter(text, add_special_tokens=False)["input_ids"])
+
     started = int(time.time())
 
     def generate(conversations, settings):
         return model.chat(conversations, **settings.kwargs())
 
     def stream(conversation, settings):
-        prompt, images = render_messages(tokenizer, conversation)
+        prompt, images = model.render_chat(conversation)  # as model.chat renders it (default system prompt)
         return model.stream(prompt, images, add_special_tokens=False, stop_at_end_of_chunk=False, **settings.kwargs())
 
     batcher = Batcher(generate, stream, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
@@ -103,18 +118,15 @@ def create_app(model, model_name: str, api_key: str | None = None, allow_local_d
         settings = parse_settings(body, default_max_tokens)
         messages = resolve_messages(body.get("messages"), allow_dir)
         try:
-            prompt, images = render_messages(tokenizer, messages)
+            prompt, images = model.render_chat(messages)
         except ValueError as e:
             raise bad_request(str(e), "invalid_messages", "messages") from None
+        n_tokens = count_tokens(prompt)
         if not explicit and context is not None:  # fit the default answer length into what the context leaves
-            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            settings = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, context - n)))
-        n_tokens = check_prompt(tokenizer, prompt, len(images), settings.max_new_tokens, context)
+            settings = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, context - n_tokens)))
+        check_prompt(prompt, n_tokens, len(images), settings.max_new_tokens, context)
         return ChatRequest(messages=messages, settings=settings, stream=stream_flag, prompt=prompt,
                            prompt_tokens=n_tokens)
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @app.get("/health")
     async def health():

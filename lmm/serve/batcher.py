@@ -8,9 +8,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 log = logging.getLogger("lmm.serve")
 
@@ -123,7 +123,7 @@ class Batcher:
             for j in group:
                 self._run_group([j])
             return
-        except Exception as e:  # noqa: BLE001 - the worker must survive; the client gets a 500
+        except Exception as e:
             log.exception("generation failed")
             for j in group:
                 self._fail(j, e)
@@ -143,7 +143,7 @@ class Batcher:
                     break
                 text.append(piece)
                 job.on_piece(piece)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not isinstance(e, ValueError):
                 log.exception("streamed generation failed")
             self._fail(job, e)

@@ -190,18 +190,17 @@ def resolve_messages(messages, allow_local_dir: Path | None) -> list[dict]:
     return out
 
 
-def check_prompt(tokenizer, prompt: str, n_images: int, max_new_tokens: int, context: int | None) -> int:
-    """Marker/image agreement and context length; returns the prompt's token count."""
+def check_prompt(prompt: str, n_tokens: int, n_images: int, max_new_tokens: int, context: int | None) -> None:
+    """Marker/image agreement and context length (`n_tokens`: the prompt's length in tokens)."""
     markers = prompt.count(IMAGE_TOKEN)
     if markers != n_images:
         raise bad_request(f"the conversation has {markers} {IMAGE_TOKEN} marker(s) but {n_images} image(s); "
                           f"do not write {IMAGE_TOKEN} in text, each image part adds its own", "image_count_mismatch")
-    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    n = n_tokens
     if context is not None and n + max_new_tokens > context:
         raise bad_request(f"the prompt has {n} tokens and max_tokens is {max_new_tokens}, more than the model's "
                           f"context of {context} tokens; shorten the conversation or max_tokens",
                           "context_length_exceeded", "messages")
-    return n
 
 
 def completion_body(req: ChatRequest, model_name: str, text: str, completion_tokens: int) -> dict:

@@ -121,20 +121,42 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, world_size: Optional[int] = None, data: bool = True) -> "TrainConfig":
-        """Fail with a ConfigError naming the problem; resolves data.batch_size from optim.global_batch_size.
+    def validate(self, world_size: Optional[int] = None) -> "TrainConfig":
+        """Every start-up check (model choice, training settings, data paths); ConfigError names the problem.
 
-        world_size defaults to $WORLD_SIZE (torchrun) or 1. `data=False` skips the data checks (for a
-        trainer fed by a prebuilt batch source)."""
-        ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        world_size defaults to $WORLD_SIZE (torchrun) or 1. Resolves data.batch_size from
+        optim.global_batch_size when that is set."""
+        self.validate_model()
+        self.validate_training(world_size)
+        self.validate_data()
+        return self
+
+    def validate_model(self) -> None:
         if (self.model is None) == (self.preset is None):
             raise ConfigError("give exactly one of `model:` (a model config) or `preset:` (a preset name or a "
                               "save_pretrained directory)")
         if self.model_overrides and self.preset is None:
             raise ConfigError("model_overrides apply to a preset; with `model:` edit the model section instead")
+        if self.preset is not None:
+            from lmm.presets import PRESETS
+
+            if self.preset not in PRESETS and not (Path(self.preset) / "lmm_config.json").is_file():
+                raise ConfigError(f"preset {self.preset!r} is neither a preset name ({', '.join(PRESETS)}) nor a "
+                                  "save_pretrained model directory (with lmm_config.json)")
+            try:  # misspelled override keys fail now, not after the preset has loaded
+                from_dict(LMMConfig, apply_overrides(LMMConfig().to_dict(), list(self.model_overrides)))
+            except ConfigError as e:
+                raise ConfigError(f"model_overrides: {e}") from None
         if self.model is not None and self.model.language.load_in_4bit and not _cuda():
             raise ConfigError("model.language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; set "
                               "model.language.load_in_4bit=false to train in full precision on this machine")
+        if any("load_in_4bit=true" in o.replace(" ", "").lower() for o in self.model_overrides) and not _cuda():
+            raise ConfigError("language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; drop that "
+                              "model override to train in full precision on this machine")
+
+    def validate_training(self, world_size: Optional[int] = None) -> None:
+        """Optimiser, schedule, checkpoint, logging and launch settings (what a Trainer needs)."""
+        ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         self._validate_optim(ws)
         s = self.schedule
         if s.max_steps < 1:
@@ -162,9 +184,6 @@ class TrainConfig:
                               "distributed=fsdp2")
         if self.precision == "bf16" and not _cuda():
             raise ConfigError("precision=bf16 needs a GPU (bf16 on this CPU is ~30x slower); use precision=auto")
-        if data:
-            self._validate_data()
-        return self
 
     def _validate_optim(self, ws: int) -> None:
         o = self.optim
@@ -187,7 +206,8 @@ class TrainConfig:
                                   f"{per_step}")
             self.data.batch_size = o.global_batch_size // per_step
 
-    def _validate_data(self) -> None:
+    def validate_data(self) -> None:
+        """Datasets are configured and their files exist (nothing is read yet)."""
         from lmm.data.errors import DataError
         from lmm.data.sources import expand_paths
 

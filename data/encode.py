@@ -1,0 +1,84 @@
+"""One parsed Sample -> decoded media -> an `Encoded` sample (token ids, labels, media tensors).
+
+Split in two so the expensive half (decoding) can be cached by the repeat buffer while the cheap
+half (image transform, i.e. augmentation, and tokenisation) runs again at every use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .errors import BadSample
+from .formats import MediaRef, Sample
+from .media import decode_image
+from .packing import Encoded
+from .text import encode_conversation, encode_document, media_token_ids, truncate
+from .video import sample_frames
+
+
+@dataclass
+class SampleEncoder:
+    """Everything the model side decides about a sample: tokenizer, image transform, limits."""
+
+    tokenizer: object
+    image_transform: Callable[[Image.Image], torch.Tensor]
+    max_tokens: int = 512
+    max_images: int = 8
+    too_many_images: str = "skip"  # or "truncate"
+    num_frames: int = 8
+
+    def __post_init__(self):
+        self.image_id, self.eoc_id = media_token_ids(self.tokenizer)
+
+    def limit_media(self, sample: Sample) -> Sample:
+        """Apply max_images: skip the sample, or (documents, policy truncate) cut it before the extra image."""
+        n = len(sample.media_refs)
+        if n <= self.max_images:
+            return sample
+        if self.too_many_images == "skip" or sample.kind != "document":
+            raise BadSample("too_many_images", f"{n} images > max_images={self.max_images}", sample.key)
+        parts, seen = [], 0
+        for p in sample.parts:
+            if isinstance(p, MediaRef):
+                seen += 1
+                if seen > self.max_images:
+                    break
+            parts.append(p)
+        return Sample(key=sample.key, kind="document", parts=parts)
+
+    def decode(self, sample: Sample, image_root=None, num_frames=None) -> tuple[Sample, list[list[Image.Image]]]:
+        """(sample, frames per media item): images are one frame, videos `num_frames` sampled frames."""
+        sample = self.limit_media(sample)
+        frames = []
+        for ref in sample.media_refs:
+            if ref.kind == "video":
+                frames.append(sample_frames(ref.value, num_frames or self.num_frames, image_root))
+            else:
+                frames.append([decode_image(ref.value, image_root)])
+        return sample, frames
+
+    def encode(self, sample: Sample, frames: list[list[Image.Image]], task: int = 0) -> Encoded:
+        """Tokenise, truncate to max_tokens (dropping media whose `<image>` was cut) and transform media."""
+        if sample.kind == "conversation":
+            tok = encode_conversation(sample.messages, self.tokenizer)
+        else:
+            tok = encode_document(sample.parts, self.tokenizer)
+        n_tokens = tok.input_ids.count(self.image_id)
+        if n_tokens != len(frames):  # e.g. a literal "<image>" inside a caption
+            raise BadSample("image_count_mismatch", f"{n_tokens} <image> tokens for {len(frames)} media", sample.key)
+        tok, kept = truncate(tok, self.max_tokens, self.image_id)
+        media = []
+        for item in frames[:kept]:
+            try:
+                media.append(torch.stack([self.image_transform(f) for f in item]))
+            except Exception as e:  # an image the backbone's preprocessing rejects
+                raise BadSample("corrupt_image", f"image transform failed: {type(e).__name__}: {e}", sample.key) from None
+        return Encoded(tok.input_ids, tok.labels, media, task, sample.key)
+
+    def media_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) the transform produces: the shape of empty media slots."""
+        return tuple(self.image_transform(Image.new("RGB", (64, 64))).shape)

@@ -1,0 +1,93 @@
+"""Every few-shot prompt template of the benchmark, in one place.
+
+Each template is one demonstration written out in full (the Flamingo / OpenFlamingo formats). The
+text before `{answer}` is the query prompt the model continues; a demonstration is the whole
+template filled in. A few-shot prompt is the demonstrations concatenated, then the query:
+
+    <image>Output:A dog on a couch.<|endofchunk|><image>Output:
+
+Zero-shot follows OpenFlamingo: two demonstrations are still drawn, but their `<image>` tokens are
+removed (text-only demonstrations), so the model sees the format without any other image.
+
+easy-vqa is not here: its demo model is instruction-tuned, and its prompt is the model's chat
+format (see `lmm.eval.easyvqa.build_easy_vqa_messages`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lmm.tokens import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+
+ANSWER_SLOT = "{answer}"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One demonstration with `{answer}` (and optionally `{question}`) placeholders."""
+
+    text: str
+
+    def __post_init__(self):
+        if ANSWER_SLOT not in self.text or not self.text.endswith(ANSWER_SLOT + END_OF_CHUNK_TOKEN):
+            raise ValueError(f"a prompt template must end with '{ANSWER_SLOT}{END_OF_CHUNK_TOKEN}': {self.text!r}")
+        if IMAGE_TOKEN not in self.text:
+            raise ValueError(f"a prompt template needs an {IMAGE_TOKEN} token: {self.text!r}")
+
+    def demo(self, answer: str, question: str = "") -> str:
+        return self.query(question) + answer + END_OF_CHUNK_TOKEN
+
+    def query(self, question: str = "") -> str:
+        prefix = self.text[: self.text.index(ANSWER_SLOT)]
+        return prefix.replace("{question}", question)
+
+
+CAPTION = PromptTemplate(f"{IMAGE_TOKEN}Output:{{answer}}{END_OF_CHUNK_TOKEN}")
+VQA = PromptTemplate(f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK_TOKEN}")
+HATEFUL_MEMES = PromptTemplate(
+    f"{IMAGE_TOKEN}is an image with: '{{question}}' written on it. Is it hateful? Answer:{{answer}}{END_OF_CHUNK_TOKEN}")
+CLASSIFICATION = PromptTemplate(f"{IMAGE_TOKEN}A photo of a {{answer}}{END_OF_CHUNK_TOKEN}")
+
+# HatefulMemes answers, by label (0 = not hateful, 1 = hateful).
+HATEFUL_MEMES_CLASSES = ("no", "yes")
+
+# Generation settings per kind of task (OpenFlamingo's defaults; beams to 1 for a cheaper CPU run).
+GENERATION = {
+    "caption": {"max_new_tokens": 20},
+    "vqa": {"max_new_tokens": 5},
+}
+
+# Zero-shot: how many text-only demonstrations precede the query (OpenFlamingo uses 2; 0 disables).
+ZERO_SHOT_TEXT_DEMOS = 2
+
+
+def build_prompt(template: PromptTemplate, demos: list[tuple[str, str]], query_question: str = "",
+                 text_only_demos: bool = False) -> str:
+    """Concatenate demonstrations (answer, question) and the query; strip demo images if text-only."""
+    context = "".join(template.demo(answer=a, question=q) for a, q in demos)
+    if text_only_demos:
+        context = context.replace(IMAGE_TOKEN, "")
+    return context + template.query(query_question)
+
+
+def postprocess_caption(text: str) -> str:
+    """Cut a generated caption at a following "Output" prompt word (OpenFlamingo's rule)."""
+    return text.split("Output", 1)[0].replace(END_OF_CHUNK_TOKEN, "").strip()
+
+
+def postprocess_vqa(text: str) -> str:
+    """Cut a generated answer at a following "Question"/"Answer"/"Short" prompt word, then at the
+    first ", " (OpenFlamingo's rule); the VQA scorer normalises the rest."""
+    text = re.split("Question|Answer|Short", text.replace(END_OF_CHUNK_TOKEN, ""), maxsplit=1)[0]
+    return re.split(", ", text, maxsplit=1)[0].strip()
+
+
+def ranking_inputs(prompt: str, classes) -> tuple[str, list[str]]:
+    """(prompt, candidates) for log-likelihood ranking. A space that ends the prompt ("A photo of a ")
+    moves to the front of each candidate (" red ball"), so the class name is tokenised as it would be
+    inside running text; every candidate ends with the end-of-chunk token, so a class name that is a
+    prefix of another ("dog" / "dog sled") cannot win by stopping early."""
+    stripped = prompt.rstrip(" ")
+    lead = prompt[len(stripped):]
+    return stripped, [lead + c + END_OF_CHUNK_TOKEN for c in classes]

@@ -1,0 +1,102 @@
+"""Batches whose frozen computations are done once: vision features per distinct image and the LM's hidden
+states below the lowest cross-attention layer per distinct text.
+
+For a fixed set of (image, conversation) samples with a flamingo bridge, nothing below the first bridge layer
+depends on the image, and the vision tower is frozen, so a training step only needs the top layers. This is
+what lets the embedded easy-vqa demo train on a 2-core CPU in minutes. Batches hold `vision_features` and
+`prefix_hidden` in place of `pixel_values`, and go straight into `LMM.forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmm.chat import with_system_prompt
+from lmm.data.text import encode_conversation
+
+
+@dataclass
+class ConversationSample:
+    image: str  # path of the one image (referenced by the `<image>` marker in `messages`)
+    messages: list[dict]  # role/content messages, content strings with `<image>` markers
+
+
+class CachedConversationBatches:
+    """Seeded, resumable epochs over samples, with frozen features precomputed (see the module docstring)."""
+
+    def __init__(self, model, samples: list[ConversationSample], batch_size: int, seed: int = 0,
+                 feature_batch: int = 64, progress=None):
+        self.model, self.batch_size, self.seed = model, batch_size, seed
+        tok = model.tokenizer
+        seq_index: dict[tuple, int] = {}
+        seqs, img_index, images = [], {}, []
+        self.rows = []  # (sequence index, image index) per sample
+        for s in samples:
+            enc = encode_conversation(with_system_prompt(s.messages, model.config.system_prompt), tok)
+            key = tuple(enc.input_ids), tuple(enc.labels)
+            if key not in seq_index:
+                seq_index[key] = len(seqs)
+                seqs.append(key)
+            if s.image not in img_index:
+                img_index[s.image] = len(images)
+                images.append(s.image)
+            self.rows.append((seq_index[key], img_index[s.image]))
+        T = max(len(ids) for ids, _ in seqs)
+        pad = tok.pad_token_id
+        self.input_ids = torch.tensor([list(ids) + [pad] * (T - len(ids)) for ids, _ in seqs])
+        self.attention_mask = torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids, _ in seqs])
+        self.labels = torch.tensor([list(lab) + [-100] * (T - len(lab)) for _, lab in seqs])
+        self.prefix_layer = model.lowest_bridge_layer()
+        with torch.no_grad():
+            self.prefix_hidden = torch.cat([
+                model.prefix_hidden_states(self.input_ids[i:i + feature_batch], self.attention_mask[i:i + feature_batch])
+                for i in range(0, len(seqs), feature_batch)]).cpu()
+            self.vision_features = self._encode_images(images, feature_batch, progress)
+        self.num_sequences, self.num_images = len(seqs), len(images)
+        self.epoch, self.position = 0, 0
+
+    def _encode_images(self, paths: list[str], batch: int, progress) -> torch.Tensor:
+        from lmm.generation import load_images
+
+        feats = []
+        for i in range(0, len(paths), batch):
+            pix = torch.stack([self.model.image_processor(im) for im in load_images(paths[i:i + batch])])
+            feats.append(self.model.vision(pix.to(self.model.device)).cpu())
+            if progress is not None:
+                progress(min(i + batch, len(paths)), len(paths))
+        return torch.cat(feats)  # (num_images, N, Dv)
+
+    def __len__(self) -> int:
+        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+
+    def __iter__(self):
+        while True:
+            order = self._order(self.epoch)
+            while self.position < len(order):
+                idx = order[self.position:self.position + self.batch_size]
+                self.position += len(idx)
+                yield self._batch(idx)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _batch(self, idx: np.ndarray) -> dict:
+        seq = torch.tensor([self.rows[i][0] for i in idx])
+        img = torch.tensor([self.rows[i][1] for i in idx])
+        mask = self.attention_mask[seq]
+        T = int(mask.sum(1).max())  # trim the common right padding
+        return {"input_ids": self.input_ids[seq, :T], "attention_mask": mask[:, :T], "labels": self.labels[seq, :T],
+                "prefix_hidden": self.prefix_hidden[seq, :T], "prefix_layer": self.prefix_layer,
+                "vision_features": self.vision_features[img][:, None, None]}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(f"data state was saved with seed {state.get('seed')}, this run uses {self.seed}")
+        self.epoch, self.position = state["epoch"], state["position"]

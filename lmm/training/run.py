@@ -1,0 +1,113 @@
+"""`train(cfg)`: validate, start the process group, build the model and the data loader, run a Trainer.
+
+The single entry point behind `python train.py --config FILE [key=value ...]` and `lmm train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from lmm.config import ConfigError, LMMConfig, apply_overrides, from_dict
+from lmm.training.config import TrainConfig, load_train_config
+from lmm.training.distributed import init_distributed, shutdown
+from lmm.training.trainer import Trainer, TrainResult
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _preset_config(name: str) -> Optional[LMMConfig]:
+    """The LMMConfig of a named preset (None if `name` is not one)."""
+    from lmm import presets
+
+    if name not in presets.PRESETS:
+        return None
+    getter = getattr(presets, "preset_config", None)
+    if getter is not None:
+        return getter(name)
+    return {"lmm-tiny": presets.tiny_config}[name]()
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """The model a run starts from: `model:` config, or `preset:` (name or saved dir) with `model_overrides`."""
+    from lmm.model import CONFIG_FILE, LMM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if cfg.model is not None:
+        return LMM.from_config(cfg.model, device=device)
+    name = cfg.preset
+    if not cfg.model_overrides:
+        return LMM.from_pretrained(name, device=device)
+    preset_cfg = _preset_config(name)
+    if preset_cfg is not None:
+        model_cfg = from_dict(LMMConfig, apply_overrides(preset_cfg.to_dict(), cfg.model_overrides))
+        return LMM.from_config(model_cfg, device=device)
+    path = Path(name)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"preset {name!r} is neither a preset name nor a saved model directory")
+    base_dict = json.loads((path / CONFIG_FILE).read_text())
+    model_cfg = from_dict(LMMConfig, apply_overrides(base_dict, cfg.model_overrides))
+    base = LMM.from_pretrained(path, device=device)
+    model = LMM.from_config(model_cfg, tokenizer=base.tokenizer, device=device)
+    copy_matching_weights(base, model)
+    del base
+    return model
+
+
+def copy_matching_weights(src: torch.nn.Module, dst: torch.nn.Module) -> list[str]:
+    """Copy every tensor of `src` into the same-named tensor of `dst` (LoRA's `base_layer.` renaming
+    understood); returns the names of `dst` that received nothing (e.g. new LoRA weights)."""
+    from lmm.model import _unique_state
+
+    src_state, dst_state = _unique_state(src), _unique_state(dst)
+    filled = set()
+    with torch.no_grad():
+        for name, t in src_state.items():
+            target = name if name in dst_state else _lora_name(name)
+            if target not in dst_state:
+                continue
+            if dst_state[target].shape != t.shape:
+                raise ConfigError(f"cannot start from this model: {name} has shape {tuple(t.shape)} but the "
+                                  f"overridden config needs {tuple(dst_state[target].shape)}")
+            dst_state[target].copy_(t.to(dst_state[target].dtype))
+            filled.add(target)
+    return sorted(set(dst_state) - filled)
+
+
+def _lora_name(name: str) -> str:
+    """`...q_proj.weight` -> `...q_proj.base_layer.weight` (where peft moved the frozen weight)."""
+    head, _, leaf = name.rpartition(".")
+    return f"{head}.base_layer.{leaf}"
+
+
+def train(cfg: TrainConfig, evaluate: Optional[Callable] = None) -> TrainResult:
+    """Run training as `cfg` says (validated first, before anything loads). Call under torchrun for
+    several processes (cfg.distributed = ddp or fsdp2)."""
+    from lmm.data import build_loader
+
+    cfg.validate()
+    env = init_distributed(cfg.distributed, cfg.device)
+    try:
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        model = build_model(cfg, env.device)
+        loader = build_loader(cfg.data, model.tokenizer, model.image_processor, rank=env.rank,
+                              world_size=env.world_size, pin_memory=env.device.type == "cuda")
+        return Trainer(model, cfg, loader, evaluate, env=env).fit()
+    finally:
+        shutdown(env)
+
+
+def train_from_args(config: Optional[str], overrides: list[str]) -> TrainResult:
+    """`train.py --config FILE key=value ...` (also `lmm train`)."""
+    return train(load_train_config(config, overrides))

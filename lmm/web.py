@@ -1,0 +1,100 @@
+"""A gradio chat page: upload images (paper clip or drag and drop), ask, read the answer as it streams.
+
+    from lmm.web import build_app
+    build_app(model).launch(server_name="127.0.0.1", server_port=7860)
+
+Needs the `web` extra (gradio); gradio is imported only when a page is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+INTRO = ("Attach one or more images with the paper clip (or drop them on the box), type a question and press "
+         "Enter. The conversation keeps its images; **Clear** starts over.")
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the web page needs gradio: pip install 'lmm[web]'", name="gradio") from None
+    return gr
+
+
+def _path(f) -> str:
+    return f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", str(f)))
+
+
+def build_app(model, title: str = "lmm", max_new_tokens: int = 256, **gen_kwargs):
+    """A `gr.Blocks` chat page for `model` (greedy unless gen_kwargs ask for sampling)."""
+    gr = _gradio()
+    from lmm.generation import load_images
+
+    context = getattr(model.lm.config, "max_position_embeddings", None)
+
+    def add_user_turn(message: dict, chat: list, conv: list):
+        """Validate and record the user's message (images decoded now, so a bad file is reported at once)."""
+        text = (message or {}).get("text", "").strip()
+        paths = [_path(f) for f in (message or {}).get("files", [])]
+        if not text and not paths:
+            raise gr.Error("Type a question (and attach images with the paper clip).")
+        try:
+            images = load_images(paths)
+        except ValueError as e:
+            raise gr.Error(f"{e}. Attach a PNG, JPEG, WebP, GIF or BMP image.") from None
+        parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+        shown = [{"path": p} for p in paths] + ([text] if text else [])
+        return (gr.MultimodalTextbox(value=None, interactive=False), chat + [{"role": "user", "content": shown}],
+                conv + [{"role": "user", "content": parts}])
+
+    def answer(chat: list, conv: list):
+        """Stream the assistant's answer into the last chat bubble."""
+        if not conv or conv[-1]["role"] != "user":
+            return
+        chat = chat + [{"role": "assistant", "content": ""}]
+        text = ""
+        try:
+            prompt, images = model.render_chat(conv)
+            budget = max_new_tokens
+            if context is not None:
+                used = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                budget = max(1, min(max_new_tokens, context - used))
+            for piece in model.stream(prompt, images, add_special_tokens=False, stop_at_end_of_chunk=False,
+                                      max_new_tokens=budget, **gen_kwargs):
+                text += piece
+                chat[-1] = {"role": "assistant", "content": text}
+                yield chat, conv
+        except ValueError as e:  # e.g. the conversation no longer fits the context
+            gr.Warning(f"{e}")
+            yield chat[:-2], conv[:-1]
+            return
+        yield chat, conv + [{"role": "assistant", "content": text}]
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}\n{INTRO}")
+        chatbot = gr.Chatbot(label="Conversation", elem_id="lmm-chat", height=480)
+        box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False,
+                                   placeholder="Ask about the image…", elem_id="lmm-input", autofocus=True)
+        clear = gr.Button("Clear", elem_id="lmm-clear")
+        conv = gr.State([])  # the model's view: messages with PIL images
+
+        box.submit(add_user_turn, [box, chatbot, conv], [box, chatbot, conv], queue=False).then(
+            answer, [chatbot, conv], [chatbot, conv]).then(
+            lambda: gr.MultimodalTextbox(interactive=True), None, [box])
+        clear.click(lambda: ([], [], None), None, [chatbot, conv, box], queue=False)
+        chatbot.clear(list, None, [conv], queue=False)  # the chat panel's own trash icon
+    return demo
+
+
+def launch(model, host: str = "127.0.0.1", port: int = 7860, title: str | None = None, share: bool = False,
+           **gen_kwargs) -> None:
+    """Build the page and serve it (blocks until interrupted). System fonts only: works offline."""
+    gr = _gradio()
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    demo = build_app(model, title=title or Path(getattr(model.config, "name", "lmm")).name, **gen_kwargs)
+    demo.queue(default_concurrency_limit=1)  # one generation at a time on the model
+    demo.launch(server_name=host, server_port=port, share=share, theme=theme, ssr_mode=False, show_error=True)

@@ -1,0 +1,85 @@
+"""A tiny random model saved to disk, real PNG images, and a real `lmm serve` subprocess on a loopback port."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+API_KEY = "test-key-123"
+MODEL_SEED = 5  # with gates=1 this tiny model's answers depend on the image and are printable text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory) -> Path:
+    from lmm.testing import tiny_lmm
+
+    path = tmp_path_factory.mktemp("model") / "tiny-serve"
+    tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=MODEL_SEED).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_model(saved_model):
+    """The same saved model loaded in this process: the reference answers come from here."""
+    from lmm import LMM
+
+    return LMM.from_pretrained(saved_model, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """Noise PNGs (distinct images give distinct answers from the tiny model), in an 'allowed' folder."""
+    d = tmp_path_factory.mktemp("allowed")
+    for s in range(4):
+        Image.fromarray(np.random.RandomState(s).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"img{s}.png")
+    (d / "not-an-image.png").write_bytes(b"this is text, not a PNG")
+    return d
+
+
+@pytest.fixture(scope="session")
+def server(saved_model, image_dir, tmp_path_factory, request):
+    """`lmm serve` as a subprocess; yields {url, name, key}; its log is shown if it fails to start."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    lmm = Path(sys.executable).with_name("lmm")
+    cmd = [str(lmm), "serve", "--model", str(saved_model), "--port", str(port), "--api-key", API_KEY,
+           "--allow-local-dir", str(image_dir), "--max-batch-size", "16", "--batch-wait-ms", "20",
+           "--log-level", "warning", "--device", "cpu"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    request.getfixturevalue("local_model")  # load the reference model while the server starts
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lmm serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"lmm serve did not answer /health within 180 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield {"url": base, "name": saved_model.name, "key": API_KEY}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        server_log = log.read_text()
+        assert "Traceback" not in server_log, server_log

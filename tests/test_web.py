@@ -1,0 +1,140 @@
+"""`lmm web` in headless Chromium: upload an image, ask, and the page shows `model.chat`'s answer; a follow-up
+question keeps the image in the conversation; Clear empties it."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium "
+                                       "chromium-driver")
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from lmm.testing import tiny_lmm
+
+    d = tmp_path_factory.mktemp("web")
+    model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5)
+    model.save_pretrained(d / "model")
+    image = d / "upload.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    return model, d / "model", image
+
+
+@pytest.fixture(scope="module")
+def page_url(saved, tmp_path_factory):
+    _, model_dir, _ = saved
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("weblog") / "web.log"
+    cmd = [str(Path(sys.executable).with_name("lmm")), "web", "--model", str(model_dir), "--port", str(port),
+           "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    import httpx
+
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lmm web exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"lmm web did not answer within 180 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def bot_texts(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    bubbles = driver.find_elements(By.CSS_SELECTOR, '#lmm-chat [data-testid="bot"]')
+    return [e.get_attribute("innerText").strip() for e in bubbles]
+
+
+def ask(driver, text: str, n_answers: int, timeout: float = 90) -> str:
+    """Type a question, press Enter, wait for the n-th answer bubble to be final (input box enabled again)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = driver.find_element(By.CSS_SELECTOR, "#lmm-input textarea")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+    WebDriverWait(driver, timeout).until(lambda d: len(bot_texts(d)) >= n_answers and d.find_element(
+        By.CSS_SELECTOR, "#lmm-input textarea").is_enabled())
+    return bot_texts(driver)[n_answers - 1]
+
+
+def test_upload_ask_follow_up_and_clear(browser, page_url, saved):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model, _, image = saved
+    with Image.open(image) as im:
+        pil = im.convert("RGB")
+    turn1 = [{"role": "user", "content": [{"type": "image", "image": pil}, {"type": "text", "text": "what is this?"}]}]
+    want1 = model.chat(turn1, max_new_tokens=MAX_NEW)
+    turn2 = turn1 + [{"role": "assistant", "content": want1}, {"role": "user", "content": "and the color?"}]
+    want2 = model.chat(turn2, max_new_tokens=MAX_NEW)
+    assert want1.isalnum() and want2, "pick a model/image whose answer reads the same as markdown"
+    text_only = [{"role": "user", "content": "what is this?"}]
+    assert want1 != model.chat(text_only, max_new_tokens=MAX_NEW), "the answer should depend on the image"
+    assert want2 != model.chat(text_only + turn2[1:], max_new_tokens=MAX_NEW)
+
+    browser.get(page_url)
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#lmm-input textarea"))
+    browser.find_element(By.CSS_SELECTOR, "#lmm-input input[type=file]").send_keys(str(image))
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#lmm-input img"))
+
+    assert ask(browser, "what is this?", 1) == want1
+    user_bubbles = browser.find_elements(By.CSS_SELECTOR, '#lmm-chat [data-testid="user"]')
+    assert user_bubbles[0].find_elements(By.TAG_NAME, "img"), "the uploaded image is shown in the conversation"
+    assert ask(browser, "and the color?", 2) == want2  # the follow-up still sees the first image
+
+    browser.find_element(By.CSS_SELECTOR, "#lmm-clear").click()
+    WebDriverWait(browser, 30).until(lambda d: not bot_texts(d))
