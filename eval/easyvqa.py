@@ -2,7 +2,7 @@
 
 The demo model is trained on LLaVA-style conversations ("<image>\\n{question}" -> "{answer}", see
 `lmm.data.easyvqa`), so it is asked the same way: one user turn with the image and the question,
-rendered by the tokenizer's chat template through `lmm.chat.render_messages`, exactly as
+rendered by the tokenizer's chat template through `LMM.render_chat`, exactly as
 `LMM.chat` does. With shots > 0 the demonstrations are earlier user/assistant turns.
 
 `evaluate_easy_vqa` is the entry point the training demo calls; `lmm eval --tasks easyvqa` runs the
@@ -33,10 +33,8 @@ def build_easy_vqa_messages(question: str, image, demos=()) -> list[dict]:
 
 def easy_vqa_prompt(model, query, demos=()) -> tuple[str, list]:
     """(prompt text, images in order) for one easy-vqa `Sample` and its demonstration `Sample`s."""
-    from lmm.chat import render_messages
-
     messages = build_easy_vqa_messages(query.question, query.image, [(d.image, d.question, d.target) for d in demos])
-    return render_messages(model.tokenizer, messages, add_generation_prompt=True)
+    return model.render_chat(messages)  # the model's own default system prompt, as in LMM.chat
 
 
 def evaluate_easy_vqa(model, limit: int | None = None, seed: int = 0, batch_size: int = 32, shots: int = 0,

@@ -1,4 +1,7 @@
-"""lmm: Flamingo-style large multimodal models on frozen vision + frozen LM backbones."""
+"""lmm: Flamingo-style large multimodal models on frozen vision + frozen LM backbones.
+
+`from lmm import LMM, LMMConfig`; heavy modules load on first use, so `lmm --help` stays fast.
+"""
 
 import os
 
@@ -6,8 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lmm.config import LMMConfig  # noqa: E402
-from lmm.model import LMM  # noqa: E402
-
 __all__ = ["LMM", "LMMConfig"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "LMM":
+        from lmm.model import LMM
+
+        return LMM
+    if name == "LMMConfig":
+        from lmm.config import LMMConfig
+
+        return LMMConfig
+    raise AttributeError(f"module 'lmm' has no attribute {name!r}")

@@ -70,6 +70,10 @@ class EvalConfig:
     every: int = 0  # steps between evaluations (0: only at the end)
     at_end: bool = True
     at_start: bool = False
+    task: Optional[Literal["easyvqa"]] = None  # a built-in evaluation hook (the demo's), when no hook is given
+    limit: Optional[int] = 1000  # test questions (a seeded subset; null: all)
+    batch_size: int = 64
+    blind_baseline: bool = True  # also ask the same questions without the image
 
 
 @dataclass
@@ -98,6 +102,7 @@ class TrainConfig:
     max_nan_steps: int = 5  # this many consecutive non-finite losses stop the run
     loss_average: Literal["token", "task"] = "token"  # mean over tokens, or mean of per-dataset means (4M)
     freeze_new_token_rows: bool = False  # keep the <image>/<|endofchunk|> embedding rows frozen (cheaper backward)
+    frozen_cache: bool = False  # precompute vision features + hidden states below the bridge (easy-vqa data)
 
     # ------------------------------------------------------------------ paths
 
@@ -179,6 +184,8 @@ class TrainConfig:
             raise ConfigError(f"eval.every must be >= 0, got {self.eval.every}")
         if self.max_nan_steps < 1:
             raise ConfigError(f"max_nan_steps must be >= 1, got {self.max_nan_steps}")
+        if self.frozen_cache and (ws > 1 or self.distributed != "none"):
+            raise ConfigError("frozen_cache runs in one process; set frozen_cache: false for distributed training")
         if ws > 1 and self.distributed == "none":
             raise ConfigError(f"launched with {ws} processes but distributed=none; set distributed=ddp or "
                               "distributed=fsdp2")

@@ -34,9 +34,13 @@ class CachedConversationBatches:
         seq_index: dict[tuple, int] = {}
         seqs, img_index, images = [], {}, []
         self.rows = []  # (sequence index, image index) per sample
+        encoded: dict[str, tuple] = {}  # rendering a chat template is slow: once per distinct conversation
         for s in samples:
-            enc = encode_conversation(with_system_prompt(s.messages, model.config.system_prompt), tok)
-            key = tuple(enc.input_ids), tuple(enc.labels)
+            text_key = repr(s.messages)
+            if text_key not in encoded:
+                enc = encode_conversation(with_system_prompt(s.messages, model.config.system_prompt), tok)
+                encoded[text_key] = (tuple(enc.input_ids), tuple(enc.labels))
+            key = encoded[text_key]
             if key not in seq_index:
                 seq_index[key] = len(seqs)
                 seqs.append(key)

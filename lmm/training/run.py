@@ -101,8 +101,17 @@ def train(cfg: TrainConfig, evaluate: Optional[Callable] = None) -> TrainResult:
     try:
         seed_everything(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, env.device)
-        loader = build_loader(cfg.data, model.tokenizer, model.image_processor, rank=env.rank,
-                              world_size=env.world_size, pin_memory=env.device.type == "cuda")
+        if cfg.frozen_cache:
+            from lmm.training.demo import cached_batches
+
+            loader = cached_batches(cfg, model)
+        else:
+            loader = build_loader(cfg.data, model.tokenizer, model.image_processor, rank=env.rank,
+                                  world_size=env.world_size, pin_memory=env.device.type == "cuda")
+        if evaluate is None and cfg.eval.task == "easyvqa":
+            from lmm.training.demo import easyvqa_evaluator
+
+            evaluate = easyvqa_evaluator(cfg.eval.limit, cfg.seed, cfg.eval.batch_size, cfg.eval.blind_baseline)
         return Trainer(model, cfg, loader, evaluate, env=env).fit()
     finally:
         shutdown(env)
