@@ -94,7 +94,7 @@ def efficientnet_checkpoint() -> Path:
 
 def tiny_config() -> LMMConfig:
     """lmm-tiny: 128 px EfficientNet-Lite0 (4x4 = 16 tokens of 1280) -> linear map -> gated cross-attention
-    before the top 6 of SmolLM2's 30 layers."""
+    before the top 4 of SmolLM2's 30 layers."""
     return LMMConfig(
         name="lmm-tiny",
         vision=VisionConfig(kind="open_clip", name="lmm-efficientnet-lite0", model_cfg=EFFNET_OPEN_CLIP_CFG,
@@ -102,7 +102,7 @@ def tiny_config() -> LMMConfig:
         language=LanguageConfig(path=str(smollm2_folder())),
         bridge=BridgeConfig(kind="flamingo", use_perceiver=False,
                             perceiver=PerceiverConfig(max_frames=8),
-                            cross_attn=CrossAttnConfig(layers=[24, 25, 26, 27, 28, 29], heads=8, head_dim=64, ff_mult=2)),
+                            cross_attn=CrossAttnConfig(layers=[26, 27, 28, 29], heads=8, head_dim=64, ff_mult=2)),
         dtype="auto",
     )
 
