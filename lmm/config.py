@@ -23,6 +23,24 @@ class ConfigError(ValueError):
     """A user-fixable problem in a configuration (unknown key, wrong type, bad value)."""
 
 
+class YamlConfig:
+    """from_yaml / from_dict / to_dict / to_yaml for a config dataclass."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None):
+        return load_yaml(cls, path, overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
 # --------------------------------------------------------------------------- model config
 
 
@@ -121,7 +139,7 @@ class LoraSettings:
 
 
 @dataclass
-class LMMConfig:
+class LMMConfig(YamlConfig):
     """Everything needed to build an LMM (weights of the frozen parts come from paths)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -131,20 +149,6 @@ class LMMConfig:
     dtype: str = "auto"  # frozen weights: auto = bf16 on CUDA, fp32 on CPU
     name: str = "lmm"
     system_prompt: Optional[str] = None  # chat: used when a conversation brings no system message
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "LMMConfig":
-        return load_yaml(cls, path, overrides)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LMMConfig":
-        return from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- generic loading

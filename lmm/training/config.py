@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from lmm.config import ConfigError, LMMConfig, apply_overrides, from_dict, to_dict
+from lmm.config import ConfigError, LMMConfig, YamlConfig, apply_overrides, from_dict
 from lmm.data.config import DataConfig
 
 RESOLVED_CONFIG = "config.yaml"
@@ -77,7 +77,7 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(YamlConfig):
     """One training run: which model, which data, how to optimise, where to write."""
 
     name: str = "run"
@@ -113,16 +113,6 @@ class TrainConfig:
         return Path(self.output_dir) if self.output_dir else self.resolved_run_dir() / "final"
 
     # ------------------------------------------------------------------ (de)serialisation
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     # ------------------------------------------------------------------ validation
 

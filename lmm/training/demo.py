@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from lmm.config import ConfigError
 from lmm.training.frozen_cache import CachedConversationBatches, ConversationSample
 
