@@ -117,3 +117,52 @@ def tiny_lmm(family: str = "llama", bridge: str = "flamingo", vision: str = "ope
                 blk.attn_gate.fill_(gates)
                 blk.ff_gate.fill_(gates)
     return model
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class running_server:
+    """`with running_server(cmd, url, log) as proc:` starts `cmd` (output to `log`), waits until GET `url`
+    succeeds, and stops the process on exit; a process that dies or never answers raises with its log."""
+
+    def __init__(self, cmd: list[str], url: str, log, headers: dict | None = None, timeout: float = 180):
+        self.cmd, self.url, self.log, self.headers, self.timeout = cmd, url, log, headers, timeout
+
+    def __enter__(self):
+        import subprocess
+        import time
+
+        import httpx
+
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.cmd[:2]} exited with {self.proc.returncode}:\n{open(self.log).read()}")
+            try:
+                if httpx.get(self.url, headers=self.headers, timeout=2).is_success:
+                    return self.proc
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"{self.url} did not answer within {self.timeout} s:\n{open(self.log).read()}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return False

@@ -2,10 +2,7 @@
 question keeps the image in the conversation; Clear empties it."""
 
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,38 +35,16 @@ def saved(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page_url(saved, tmp_path_factory):
     _, model_dir, _ = saved
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from lmm.testing import free_port, running_server
+
+    port = free_port()
     log = tmp_path_factory.mktemp("weblog") / "web.log"
     cmd = [str(Path(sys.executable).with_name("lmm")), "web", "--model", str(model_dir), "--port", str(port),
            "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmm web exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lmm web did not answer within 180 s:\n{log.read_text()}")
-            time.sleep(0.5)
+    with running_server(cmd, url, log):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        assert "Traceback" not in log.read_text(), log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 @pytest.fixture(scope="module")

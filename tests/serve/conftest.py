@@ -1,24 +1,16 @@
 """A tiny random model saved to disk, real PNG images, and a real `lmm serve` subprocess on a loopback port."""
 
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from lmm.testing import free_port, running_server
+
 API_KEY = "test-key-123"
 MODEL_SEED = 5  # with gates=1 this tiny model's answers depend on the image and are printable text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -57,29 +49,9 @@ def server(saved_model, image_dir, tmp_path_factory, request):
     cmd = [str(lmm), "serve", "--model", str(saved_model), "--port", str(port), "--api-key", API_KEY,
            "--allow-local-dir", str(image_dir), "--max-batch-size", "16", "--batch-wait-ms", "20",
            "--log-level", "warning", "--device", "cpu"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    request.getfixturevalue("local_model")  # load the reference model while the server starts
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lmm serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lmm serve did not answer /health within 180 s:\n{log.read_text()}")
-            time.sleep(0.5)
+    with running_server(cmd, f"{base}/health", log, headers={"Authorization": f"Bearer {API_KEY}"}):
+        request.getfixturevalue("local_model")  # load the reference model while the server answers /health
         yield {"url": base, "name": saved_model.name, "key": API_KEY}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        server_log = log.read_text()
-        assert "Traceback" not in server_log, server_log
+    server_log = log.read_text()
+    assert "Traceback" not in server_log, server_log
