@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 
-from lmm.config import ConfigError, LMMConfig, YamlConfig, apply_overrides, from_dict
+from lmm.config import ConfigError, LMMConfig, YamlConfig, apply_overrides, from_dict, load_yaml
 from lmm.data.config import DataConfig
 
 RESOLVED_CONFIG = "config.yaml"
@@ -239,12 +238,4 @@ def _cuda() -> bool:
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file plus dotted `key=value` overrides (unknown keys raise ConfigError)."""
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-    return TrainConfig.from_dict(apply_overrides(d, overrides))
+    return load_yaml(TrainConfig, path, overrides)
