@@ -115,7 +115,7 @@ class ExtendedEmbedding(nn.Module):
 class ExtendedHead(nn.Module):
     """The frozen LM head plus trainable output rows for the new tokens (so `<|endofchunk|>` is predictable)."""
 
-    def __init__(self, base: nn.Module, new_ids: list[int], hidden: int, vocab_out: int):
+    def __init__(self, base: nn.Module, new_ids: list[int], vocab_out: int):
         super().__init__()
         self.base = base
         self.vocab_out = vocab_out

@@ -109,7 +109,7 @@ class LMM(nn.Module):
         lm_hidden = lm.config.hidden_size
         vocab_out = max(emb.num_embeddings, max(new_ids) + 1)
         self.embed = ExtendedEmbedding(emb, new_ids)
-        self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, lm_hidden, vocab_out)
+        self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out)
         b, dv = config.bridge, vision.dim
         if b.kind == "flamingo":
             p = b.perceiver

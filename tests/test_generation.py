@@ -16,7 +16,6 @@ def test_cached_greedy_equals_uncached(models, bridge, images):
     m = models[bridge]
     prompt = "<image>a photo of<|endofchunk|><image>the answer is"
     kw = dict(max_new_tokens=12, stop_at_end_of_chunk=False)
-    m.tokenizer.eos_token_id  # noqa: B018
     cached = m.generate(prompt, images=images[:2], use_cache=True, **kw)
     uncached = m.generate(prompt, images=images[:2], use_cache=False, **kw)
     assert cached == uncached
