@@ -6,6 +6,7 @@ with left padding; streaming; and log-likelihood scoring of candidate answers.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -295,32 +296,51 @@ def stream_text(model, prompt: str, images=None, add_special_tokens: bool = True
 @torch.no_grad()
 def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence[str], batch_size: int = 16,
                      add_special_tokens: bool = True) -> torch.Tensor:
-    """Summed log p(candidate | prompt, images) for every (prompt, candidate): (len(prompts), len(candidates))."""
+    """Summed log p(candidate | prompt, images) for every (prompt, candidate): (len(prompts), len(candidates)).
+
+    Each prompt and its images run once; the first candidate token is read from the prompt's last logits and
+    longer candidates continue from a copy of the prompt's KV cache, so scoring C candidates costs about one
+    prompt forward, not C. `batch_size` bounds the rows of one forward (prompts, or prompt x candidate pairs)."""
     images = images if images is not None else [[] for _ in prompts]
-    tok = model.tokenizer
-    cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    cand_ids = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
     if any(len(c) == 0 for c in cand_ids):
         raise ValueError("empty candidate string")
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(candidates))]
+    dev = model.device
+    first = torch.tensor([c[0] for c in cand_ids], device=dev)
+    longer = [j for j, c in enumerate(cand_ids) if len(c) > 1]
     scores = torch.zeros(len(prompts), len(candidates))
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        enc = prepare_inputs(model, [prompts[i] for i, _ in chunk], [images[i] for i, _ in chunk], add_special_tokens)
-        rows, labels = [], []
-        for r, (i, j) in enumerate(chunk):
-            p_ids = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()
-            rows.append(p_ids + cand_ids[j])
-            labels.append([-100] * len(p_ids) + cand_ids[j])
-        T = max(len(r) for r in rows)
-        pad = tok.pad_token_id
-        ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
-        lab = torch.tensor([l + [-100] * (T - len(l)) for l in labels])
-        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    for s in range(0, len(prompts), batch_size):
+        enc = prepare_inputs(model, prompts[s:s + batch_size], images[s:s + batch_size], add_special_tokens)
+        ids = enc["input_ids"].to(dev)
+        P = ids.shape[0]
         with _autocast(model):
-            out = model(ids, mask, pixel_values=enc.get("pixel_values"), labels=lab)
-        logits = out.logits.float()[:, :-1]
-        target = out.labels[:, 1:]  # labels follow the (possibly `<image>`-expanded) sequence
-        logp = -F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        for r, (i, j) in enumerate(chunk):
-            scores[i, j] = logp[r].sum().cpu()
+            media = model.encode_media(enc["pixel_values"].to(dev)) if "pixel_values" in enc else None
+            out = model(ids, enc["attention_mask"], media=media, use_cache=bool(longer), logits_to_keep=1)
+            total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # (P, C): log p(first token)
+            group = max(1, batch_size // P)
+            for g in range(0, len(longer), group):
+                total[:, longer[g:g + group]] += _continuation_logp(
+                    model, out, media, (ids == model.image_token_id).sum(1), [cand_ids[j] for j in longer[g:g + group]])
+        scores[s:s + P] = total.cpu()
     return scores
+
+
+def _continuation_logp(model, prompt_out, media, media_count: torch.Tensor, cands: list[list[int]]) -> torch.Tensor:
+    """log p(tokens 2.. of each candidate | prompt, token 1..) for P prompts x K candidates: (P, K)."""
+    P, K, dev = media_count.shape[0], len(cands), model.device
+    L = max(len(c) for c in cands)
+    pad = model.tokenizer.pad_token_id or 0
+    inp = torch.full((K, L), pad, dtype=torch.long)
+    lab = torch.full((K, L), -100, dtype=torch.long)
+    cmask = torch.zeros(K, L, dtype=torch.long)
+    for k, c in enumerate(cands):  # right-padded: a pad after a candidate never changes its tokens' logits
+        inp[k, :len(c)], lab[k, 1:len(c)], cmask[k, :len(c)] = torch.tensor(c), torch.tensor(c[1:]), 1
+    rows = torch.arange(P, device=dev).repeat_interleave(K)  # (P*K,) prompt of each pair
+    cache = copy.deepcopy(prompt_out.past_key_values)
+    cache.reorder_cache(rows)
+    mask = torch.cat([prompt_out.attention_mask[rows], cmask.repeat(P, 1).to(dev)], 1)
+    out = model(inp.repeat(P, 1), mask, media=media[rows] if media is not None else None, past_key_values=cache,
+                use_cache=True, media_offset=media_count[rows], labels=lab.repeat(P, 1), return_logits=False)
+    return -out.token_losses.sum(1).view(P, K).float()

@@ -96,3 +96,35 @@ def test_bad_inputs_give_clear_errors(models, images, tmp_path):
         m.generate("<image>x", images=[bad])
     with pytest.raises(ValueError, match="context"):
         m.generate("a " * 300, max_new_tokens=5)
+
+
+def _naive_scores(m, prompts, ims, candidates):
+    """Reference: each (prompt, candidate) as one unpadded sequence through a full forward, no cache."""
+    from lmm.generation import prepare_inputs
+
+    out = torch.zeros(len(prompts), len(candidates))
+    for i, (p, im) in enumerate(zip(prompts, ims)):
+        enc = prepare_inputs(m, [p], [im])
+        for j, c in enumerate(candidates):
+            c_ids = m.tokenizer(c, add_special_tokens=False)["input_ids"]
+            ids = torch.cat([enc["input_ids"], torch.tensor([c_ids])], 1)
+            lab = torch.full_like(ids, -100)
+            lab[0, -len(c_ids):] = torch.tensor(c_ids)
+            with torch.no_grad():
+                r = m(ids, pixel_values=enc.get("pixel_values"), labels=lab)
+            out[i, j] = -r.token_losses.sum()
+    return out
+
+
+@pytest.mark.parametrize("bridge", ["flamingo", "qformer", "projector"])
+def test_prompt_cached_scoring_equals_full_sequences(models, bridge, images):
+    """Scoring reuses each prompt's KV cache for all candidates (and left-pads prompts of a batch); it must give
+    the log-likelihoods of one plain forward per (prompt, candidate), for one- and multi-token candidates."""
+    m = models[bridge]
+    prompts = ["<image>the answer is", "two people riding bikes <image> on a street and a dog", "<image>x<image>what"]
+    ims = [[images[0]], [images[1]], [images[2], images[3]]]
+    candidates = [" yes", " no", " a red triangle on grass", " circle", " teal square"]
+    assert max(len(m.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in candidates) > 3
+    ref = _naive_scores(m, prompts, ims, candidates)
+    for bs in (1, 2, 16):  # one prompt per forward, a padded pair, everything in one forward
+        torch.testing.assert_close(m.score(prompts, ims, candidates, batch_size=bs), ref, atol=2e-4, rtol=1e-4)

@@ -102,6 +102,7 @@ class TrainConfig(YamlConfig):
     loss_average: Literal["token", "task"] = "token"  # mean over tokens, or mean of per-dataset means (4M)
     freeze_new_token_rows: bool = False  # keep the <image>/<|endofchunk|> embedding rows frozen (cheaper backward)
     frozen_cache: bool = False  # precompute vision features + hidden states below the bridge (easy-vqa data)
+    balance_answers: bool = False  # frozen_cache: draw every answer of a question equally often (no text prior)
 
     # ------------------------------------------------------------------ paths
 
@@ -175,6 +176,9 @@ class TrainConfig(YamlConfig):
             raise ConfigError(f"max_nan_steps must be >= 1, got {self.max_nan_steps}")
         if self.frozen_cache and (ws > 1 or self.distributed != "none"):
             raise ConfigError("frozen_cache runs in one process; set frozen_cache: false for distributed training")
+        if self.balance_answers and not self.frozen_cache:
+            raise ConfigError("balance_answers works with the frozen-cache batches; set frozen_cache: true or "
+                              "balance_answers: false")
         if ws > 1 and self.distributed == "none":
             raise ConfigError(f"launched with {ws} processes but distributed=none; set distributed=ddp or "
                               "distributed=fsdp2")

@@ -32,7 +32,8 @@ def cached_batches(cfg, model, log: Callable[[str], None] = print) -> CachedConv
                           "({source: easyvqa, easyvqa_task: vqa}); set frozen_cache: false for other data")
     samples = [s for d in datasets for s in easyvqa_conversations(d.path or "train")]
     t = time.perf_counter()
-    batches = CachedConversationBatches(model, samples, cfg.data.batch_size, seed=cfg.seed)
+    batches = CachedConversationBatches(model, samples, cfg.data.batch_size, seed=cfg.seed,
+                                       balance_answers=cfg.balance_answers)
     log(f"frozen cache: {batches.num_images} images and {batches.num_sequences} distinct texts precomputed for "
         f"{len(samples)} samples in {time.perf_counter() - t:.0f} s")
     return batches

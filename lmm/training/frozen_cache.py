@@ -28,8 +28,9 @@ class CachedConversationBatches:
     """Seeded, resumable epochs over samples, with frozen features precomputed (see the module docstring)."""
 
     def __init__(self, model, samples: list[ConversationSample], batch_size: int, seed: int = 0,
-                 feature_batch: int = 64, progress=None):
+                 feature_batch: int = 64, progress=None, balance_answers: bool = False):
         self.model, self.batch_size, self.seed = model, batch_size, seed
+        self.weights = answer_balanced_weights(samples) if balance_answers else None
         tok = model.tokenizer
         seq_index: dict[tuple, int] = {}
         seqs, img_index, images = [], {}, []
@@ -77,7 +78,10 @@ class CachedConversationBatches:
         return (len(self.rows) + self.batch_size - 1) // self.batch_size
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.weights is None:
+            return rng.permutation(len(self.rows))
+        return rng.choice(len(self.rows), size=len(self.rows), p=self.weights)  # with replacement
 
     def __iter__(self):
         while True:
@@ -98,9 +102,30 @@ class CachedConversationBatches:
                 "vision_features": self.vision_features[img][:, None, None]}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "balance_answers": self.weights is not None}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise ValueError(f"data state was saved with seed {state.get('seed')}, this run uses {self.seed}")
+        if state.get("balance_answers", False) != (self.weights is not None):
+            raise ValueError("data state was saved with a different balance_answers setting than this run's")
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+def answer_balanced_weights(samples: list[ConversationSample]) -> np.ndarray:
+    """Sampling probabilities that make every answer of a prompt equally likely, keeping each prompt's share.
+
+    A prompt is everything before the final assistant turn; its answer is that turn. Where a question's answers
+    are skewed ("is there a red shape?" is "no" 7 times in 8 on easy-vqa), a model can score well from the text
+    alone and never learns to look; balancing removes that prior (the idea behind VQA v2's balanced pairs)."""
+    keys = [(repr(s.messages[:-1]), s.messages[-1]["content"]) for s in samples]
+    per_answer: dict[tuple, int] = {}
+    per_prompt: dict[str, set] = {}
+    prompt_count: dict[str, int] = {}
+    for q, a in keys:
+        per_answer[(q, a)] = per_answer.get((q, a), 0) + 1
+        per_prompt.setdefault(q, set()).add(a)
+        prompt_count[q] = prompt_count.get(q, 0) + 1
+    w = np.array([prompt_count[q] / (len(per_prompt[q]) * per_answer[(q, a)]) for q, a in keys])
+    return w / w.sum()

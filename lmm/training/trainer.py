@@ -276,10 +276,12 @@ class Trainer:
         if self.resumed_from is not None:
             monitor.write(f"resumed from {self.resumed_from} at step {self.step}")
         last_ckpt = self.step if self.resumed_from is not None else -1
+        evaluated_at = -1
         try:
             if cfg.eval.at_start and self.evaluate is not None:
                 result.eval = self.run_evaluation()
                 monitor.evaluation(self.step, result.eval)
+                evaluated_at = self.step
             it = iter(self.batches)
             while self.step < total:
                 micro = self._next_micro_batches(it)
@@ -306,10 +308,10 @@ class Trainer:
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.evaluate is not None:
                     result.eval = self.run_evaluation()
                     monitor.evaluation(self.step, result.eval)
+                    evaluated_at = self.step
             if cfg.checkpoint.at_end and last_ckpt != self.step:
                 self.save_checkpoint()
-            if cfg.eval.at_end and self.evaluate is not None and not (cfg.eval.every and
-                                                                       self.step % cfg.eval.every == 0):
+            if cfg.eval.at_end and self.evaluate is not None and evaluated_at != self.step:  # also: resumed when done
                 result.eval = self.run_evaluation()
                 monitor.evaluation(self.step, result.eval)
             result.output_dir = self.save_pretrained(cfg.resolved_output_dir())

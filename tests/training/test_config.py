@@ -42,8 +42,10 @@ def write(tmp_path, cfg: dict):
     (lambda c: c.update(preset="/nonexistent/model"), "neither a preset name"),
     (lambda c: c.update(model={"language": {"load_in_4bit": True}}, preset=None), "needs a CUDA GPU"),
     (lambda c: c.update(distributed="fsdp"), "'fsdp' is not one of"),
+    (lambda c: c.update(balance_answers=True), "balance_answers works with the frozen-cache batches"),
 ], ids=["typo", "typo-suggestion", "missing-shards", "missing-image-root", "global-batch", "grad-accum",
-        "warmup", "batch-size", "override-typo", "missing-preset", "qlora-without-cuda", "bad-choice"])
+        "warmup", "batch-size", "override-typo", "missing-preset", "qlora-without-cuda", "bad-choice",
+        "balance-without-cache"])
 def test_bad_config_fails_before_the_model_loads(tmp_path, unloadable_model, dataset, h, edit, message):
     cfg = h.run_config(tmp_path / "run", unloadable_model, dataset)
     edit(cfg)

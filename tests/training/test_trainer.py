@@ -188,6 +188,19 @@ def test_evaluate_hook_run_folder_and_artifacts(tmp_path, tiny_dir, feature_batc
         assert torch.equal(p, q), n
 
 
+def test_relaunching_a_finished_run_evaluates_again_without_training(tmp_path, tiny_dir, feature_batches):
+    """`resume: auto` on a run that already reached max_steps trains nothing, but still evaluates and saves (the
+    demo command run twice must print its accuracy both times)."""
+    calls = []
+    cfg = make_cfg(tmp_path, schedule={"max_steps": 3}, eval={"every": 3}, checkpoint={"every": 3})
+    first = Trainer(LMM.from_pretrained(tiny_dir, device="cpu"), cfg, ListSource(feature_batches),
+                    evaluate=lambda m: calls.append(1) or {"acc": 1.0}).fit()
+    again = Trainer(LMM.from_pretrained(tiny_dir, device="cpu"), cfg, ListSource(feature_batches),
+                    evaluate=lambda m: calls.append(2) or {"acc": 2.0}).fit()
+    assert calls == [1, 2] and again.eval == {"acc": 2.0}
+    assert again.losses == [] and first.step == again.step == 3
+
+
 def test_a_short_data_source_ends_the_run_early_and_still_saves(tmp_path, tiny_dir, feature_batches):
     _, _, res = fit(tiny_dir, make_cfg(tmp_path, schedule={"max_steps": 50}), feature_batches[:3])
     assert res.step == 3 and "ran out after 3 of 50" in res.stopped_early
