@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmm.tokens import IMAGE_TOKEN
 
@@ -319,10 +318,11 @@ def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence
             media = model.encode_media(enc["pixel_values"].to(dev)) if "pixel_values" in enc else None
             out = model(ids, enc["attention_mask"], media=media, use_cache=bool(longer), logits_to_keep=1)
             total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # (P, C): log p(first token)
+            media_count = (ids == model.image_token_id).sum(1)
             group = max(1, batch_size // P)
             for g in range(0, len(longer), group):
                 total[:, longer[g:g + group]] += _continuation_logp(
-                    model, out, media, (ids == model.image_token_id).sum(1), [cand_ids[j] for j in longer[g:g + group]])
+                    model, out, media, media_count, [cand_ids[j] for j in longer[g:g + group]])
         scores[s:s + P] = total.cpu()
     return scores
 

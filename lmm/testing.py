@@ -119,6 +119,19 @@ def tiny_lmm(family: str = "llama", bridge: str = "flamingo", vision: str = "ope
     return model
 
 
+def saved_tiny_chat_model(folder, image_name: str = "image.png"):
+    """(model, model dir, image path): a tiny flamingo LMM with open gates saved to `folder`/model and a 32x32
+    noise PNG beside it, which the chat and web front-end tests open as a user would."""
+    import numpy as np
+    from PIL import Image
+
+    model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5)
+    model.save_pretrained(folder / "model")
+    image = folder / image_name
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    return model, folder / "model", image
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     import socket

@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,13 +17,10 @@ PROMPT = "you> "
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from lmm.testing import tiny_lmm
+    from lmm.testing import saved_tiny_chat_model
 
     d = tmp_path_factory.mktemp("chat")
-    model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5)
-    model.save_pretrained(d / "model")
-    image = d / "shape.png"
-    Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    model, _, image = saved_tiny_chat_model(d, "shape.png")
     with Image.open(image) as im:
         pil = im.convert("RGB")
     return model, d, image, pil

@@ -5,7 +5,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,14 +21,9 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from lmm.testing import tiny_lmm
+    from lmm.testing import saved_tiny_chat_model
 
-    d = tmp_path_factory.mktemp("web")
-    model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5)
-    model.save_pretrained(d / "model")
-    image = d / "upload.png"
-    Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
-    return model, d / "model", image
+    return saved_tiny_chat_model(tmp_path_factory.mktemp("web"), "upload.png")
 
 
 @pytest.fixture(scope="module")

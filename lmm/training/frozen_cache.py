@@ -9,12 +9,14 @@ what lets the embedded easy-vqa demo train on a 2-core CPU in minutes. Batches h
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmm.chat import with_system_prompt
+from lmm.config import ConfigError
 from lmm.data.text import encode_conversation
 
 
@@ -106,10 +108,14 @@ class CachedConversationBatches:
                 "balance_answers": self.weights is not None}
 
     def load_state_dict(self, state: dict) -> None:
+        fresh = "; resume with the run's own setting, or start fresh with checkpoint.resume=null"
         if state.get("seed") != self.seed:
-            raise ValueError(f"data state was saved with seed {state.get('seed')}, this run uses {self.seed}")
-        if state.get("balance_answers", False) != (self.weights is not None):
-            raise ValueError("data state was saved with a different balance_answers setting than this run's")
+            raise ConfigError(f"the checkpoint's data order was made with seed {state.get('seed')}, this run uses "
+                              f"seed {self.seed}{fresh}")
+        saved_balance = state.get("balance_answers", False)
+        if saved_balance != (self.weights is not None):
+            raise ConfigError(f"the checkpoint's data order was made with balance_answers={saved_balance}, this "
+                              f"run uses balance_answers={self.weights is not None}{fresh}")
         self.epoch, self.position = state["epoch"], state["position"]
 
 
@@ -120,12 +126,8 @@ def answer_balanced_weights(samples: list[ConversationSample]) -> np.ndarray:
     are skewed ("is there a red shape?" is "no" 7 times in 8 on easy-vqa), a model can score well from the text
     alone and never learns to look; balancing removes that prior (the idea behind VQA v2's balanced pairs)."""
     keys = [(repr(s.messages[:-1]), s.messages[-1]["content"]) for s in samples]
-    per_answer: dict[tuple, int] = {}
-    per_prompt: dict[str, set] = {}
-    prompt_count: dict[str, int] = {}
-    for q, a in keys:
-        per_answer[(q, a)] = per_answer.get((q, a), 0) + 1
-        per_prompt.setdefault(q, set()).add(a)
-        prompt_count[q] = prompt_count.get(q, 0) + 1
-    w = np.array([prompt_count[q] / (len(per_prompt[q]) * per_answer[(q, a)]) for q, a in keys])
+    per_answer = Counter(keys)  # (prompt, answer) -> samples
+    per_prompt = Counter(q for q, _ in keys)  # prompt -> samples
+    answers_of = Counter(q for q, _ in per_answer)  # prompt -> distinct answers
+    w = np.array([per_prompt[q] / (answers_of[q] * per_answer[(q, a)]) for q, a in keys])
     return w / w.sum()

@@ -96,3 +96,15 @@ def test_balanced_batches_draw_rare_answers_as_often_as_common_ones(tmp_path):
 
     assert abs(yes_fraction(False) - 0.1) < 1e-6  # plain epochs: each sample once
     assert abs(yes_fraction(True) - 0.5) < 0.05  # balanced: yes as often as no
+
+
+def test_resuming_with_another_sampling_setting_names_the_fix(tmp_path):
+    from lmm.config import ConfigError
+
+    model = tiny_lmm(seed=3, cross_attn_layers=[2, 3])
+    samples = _samples(tmp_path)
+    state = CachedConversationBatches(model, samples, batch_size=4, seed=1).state_dict()
+    with pytest.raises(ConfigError, match="balance_answers=False, this run uses balance_answers=True.*resume=null"):
+        CachedConversationBatches(model, samples, batch_size=4, seed=1, balance_answers=True).load_state_dict(state)
+    with pytest.raises(ConfigError, match="seed 1, this run uses seed 2.*resume=null"):
+        CachedConversationBatches(model, samples, batch_size=4, seed=2).load_state_dict(state)
