@@ -6,6 +6,8 @@ for each supported LM family and vision family.
 
 from __future__ import annotations
 
+import copy
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -179,3 +181,39 @@ class running_server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         return False
+
+
+class ListSource:
+    """A resumable batch source over a fixed list of batch dicts (what the demo's feature cache is like)."""
+
+    def __init__(self, batches, task_names=None, loss_weights=None):
+        self.items, self.pos = batches, 0
+        if task_names:
+            self.task_names = task_names
+        if loss_weights:
+            self.loss_weights = loss_weights
+
+    def __iter__(self):
+        while self.pos < len(self.items):
+            self.pos += 1
+            yield copy.deepcopy(self.items[self.pos - 1])
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+def tiny_train_config(tmp_path, **kw):
+    """A 4-step constant-lr TrainConfig writing under tmp_path, no logging side files; `kw` merges into it."""
+    from lmm.training import TrainConfig
+
+    d = {"name": "t", "run_dir": str(tmp_path / "run"), "seed": 0,
+         "optim": {"lr": 5e-3, "gate_lr_mult": 10.0}, "schedule": {"max_steps": 4, "warmup_steps": 0,
+                                                                   "kind": "constant"},
+         "checkpoint": {"every": 0, "at_end": False},
+         "logging": {"tensorboard": False, "progress": False, "plot": False}}
+    for k, v in kw.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    return TrainConfig.from_dict(d)

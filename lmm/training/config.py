@@ -103,6 +103,7 @@ class TrainConfig(YamlConfig):
     freeze_new_token_rows: bool = False  # keep the <image>/<|endofchunk|> embedding rows frozen (cheaper backward)
     frozen_cache: bool = False  # precompute vision features + hidden states below the bridge (easy-vqa data)
     balance_answers: bool = False  # frozen_cache: draw every answer of a question equally often (no text prior)
+    calibrate_xattn_norms: bool = False  # fresh runs: standardise the xattn blocks' LayerNorms on the first batch
 
     # ------------------------------------------------------------------ paths
 
@@ -179,6 +180,9 @@ class TrainConfig(YamlConfig):
         if self.balance_answers and not self.frozen_cache:
             raise ConfigError("balance_answers works with the frozen-cache batches; set frozen_cache: true or "
                               "balance_answers: false")
+        if self.calibrate_xattn_norms and self.distributed == "fsdp2":
+            raise ConfigError("calibrate_xattn_norms runs on unsharded weights; use distributed=ddp or set "
+                              "calibrate_xattn_norms: false")
         if ws > 1 and self.distributed == "none":
             raise ConfigError(f"launched with {ws} processes but distributed=none; set distributed=ddp or "
                               "distributed=fsdp2")

@@ -25,6 +25,7 @@ import yaml
 
 from lmm.config import ConfigError
 from lmm.training import checkpoint as ckpt
+from lmm.training.calibrate import standardize_xattn_norms
 from lmm.training.config import RESOLVED_CONFIG, TrainConfig
 from lmm.training.distributed import (
     DistEnv,
@@ -187,6 +188,11 @@ class Trainer:
         global_counts, global_tokens = stats[:n_tasks].cpu(), int(stats[n_tasks].item())
         coef = task_coefficients(global_counts, self.loss_weights, self.cfg.loss_average)
 
+        if self.step == 0 and self.resumed_from is None and self.cfg.calibrate_xattn_norms:
+            n = standardize_xattn_norms(self.lmm, prepared[0][0], self.env.all_reduce_sum)
+            if self.env.is_main:
+                print(f"calibrate_xattn_norms: standardised the input norms of {n} cross-attention blocks on the "
+                      "first batch", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(1 + n_tasks, dtype=torch.float64, device=self.env.device)
         for i, (batch, keep, tasks) in enumerate(prepared):

@@ -143,3 +143,21 @@ def h():
 
     return SimpleNamespace(run_config=run_config, launch=launch, finish=finish, step_losses=step_losses,
                            write_dataset=write_dataset)
+
+
+@pytest.fixture(scope="session")
+def feature_batches(tiny_dir, dataset):
+    """12 batches of 4 from the real loader, pixels replaced by cached frozen vision features."""
+    from lmm.data import DataConfig, build_loader
+    from lmm.model import LMM
+
+    model = LMM.from_pretrained(tiny_dir, device="cpu")
+    cfg = DataConfig.from_dict({"datasets": [{"path": dataset, "format": "conversation"}], "batch_size": 4,
+                                "max_tokens": 48, "seed": 0})
+    out = []
+    for batch in build_loader(cfg, model.tokenizer, model.image_processor):
+        with torch.no_grad():
+            batch["vision_features"] = model.vision_features(batch.pop("pixel_values"))
+        out.append(batch)
+        if len(out) == 12:
+            return out

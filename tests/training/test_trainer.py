@@ -14,56 +14,7 @@ import yaml
 from lmm.model import LMM
 from lmm.training import NonFiniteLossError, TrainConfig, Trainer
 from lmm.training.optim import is_gate
-
-
-class ListSource:
-    """A resumable batch source over a fixed list of batch dicts (what the demo's feature cache is like)."""
-
-    def __init__(self, batches, task_names=None, loss_weights=None):
-        self.items, self.pos = batches, 0
-        if task_names:
-            self.task_names = task_names
-        if loss_weights:
-            self.loss_weights = loss_weights
-
-    def __iter__(self):
-        while self.pos < len(self.items):
-            self.pos += 1
-            yield copy.deepcopy(self.items[self.pos - 1])
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-
-@pytest.fixture(scope="module")
-def feature_batches(tiny_dir, dataset):
-    """12 batches of 4 from the real loader, pixels replaced by cached frozen vision features."""
-    from lmm.data import DataConfig, build_loader
-
-    model = LMM.from_pretrained(tiny_dir, device="cpu")
-    cfg = DataConfig.from_dict({"datasets": [{"path": dataset, "format": "conversation"}], "batch_size": 4,
-                                "max_tokens": 48, "seed": 0})
-    out = []
-    for batch in build_loader(cfg, model.tokenizer, model.image_processor):
-        with torch.no_grad():
-            batch["vision_features"] = model.vision_features(batch.pop("pixel_values"))
-        out.append(batch)
-        if len(out) == 12:
-            return out
-
-
-def make_cfg(tmp_path, **kw) -> TrainConfig:
-    d = {"name": "t", "run_dir": str(tmp_path / "run"), "seed": 0,
-         "optim": {"lr": 5e-3, "gate_lr_mult": 10.0}, "schedule": {"max_steps": 4, "warmup_steps": 0,
-                                                                   "kind": "constant"},
-         "checkpoint": {"every": 0, "at_end": False},
-         "logging": {"tensorboard": False, "progress": False, "plot": False}}
-    for k, v in kw.items():
-        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
-    return TrainConfig.from_dict(d)
+from lmm.testing import ListSource, tiny_train_config as make_cfg
 
 
 def fit(tiny_dir, cfg, batches, **kw):
