@@ -33,18 +33,18 @@ def standardize_xattn_norms(model, batch: dict, all_reduce_sum: Optional[Callabl
     seen: dict[int, torch.Tensor] = {}
     hooks = [b.norm.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
              for i, b in enumerate(blocks)]
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=False)
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     mask = batch.get("attention_mask")
     for i, block in enumerate(blocks):
-        x = seen[i]
-        x = x[mask.to(x.device).bool()] if mask is not None and mask.shape == x.shape[:2] else x.flatten(0, -2)
+        x = seen[i]  # (B, T, D): cross-attention keeps the sequence, so the batch's mask picks the real tokens
+        x = x[mask.to(x.device).bool()] if mask is not None else x.flatten(0, -2)
         z = F.layer_norm(x.float(), x.shape[-1:])  # what the LayerNorm computes before its scale and shift
         stats = torch.cat([z.sum(0), (z * z).sum(0), z.new_tensor([z.shape[0]])])
         if all_reduce_sum is not None:
