@@ -1,7 +1,11 @@
 """Data pipeline speed per CPU worker: MMC4-style interleaved webdataset shards (JPEG images as base64 in the
 json, as MMC4 ships them) -> decode + preprocess + tokenise + pack into batches.
 
-    python bench/data.py --shape small --workers 1
+    python bench/data.py --shape 3b --workers 1     # 224 px JPEGs in, 224 px crops out (issue 8's target)
+    python bench/data.py --shape small --workers 1  # CI smoke shape
+
+Images are random noise (the slowest kind of JPEG to decode: photos compress 3-5x better). Rates are steady
+state, after the first batch (worker start-up is reported apart as startup_s).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--image-px", type=int, default=None, help="side of the stored JPEGs (default: the shape's)")
+    ap.add_argument("--tokenizer", default=None, help="an HF tokenizer folder (default: lmm's tiny test tokenizer; "
+                    "'smollm2' = the packaged SmolLM2-135M tokenizer, 49k tokens)")
     args = ap.parse_args()
     from lmm.data import DataConfig, build_loader
     from lmm.testing import tiny_tokenizer
@@ -54,28 +61,46 @@ def main() -> None:
     from shapes import get_shape
 
     shape = get_shape(args.shape)
-    docs = args.docs or (64 if args.shape == "small" else 256)
-    tok = tiny_tokenizer()
-    add_media_tokens(tok)
-    from lmm.backbones.vision import image_transform
+    docs = args.docs or (64 if args.shape == "small" else 512)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
 
-    transform = image_transform(shape.image_size, (0.5,) * 3, (0.5,) * 3)
+        if args.tokenizer == "smollm2":
+            from lmm.presets import smollm2_folder
+
+            args.tokenizer = str(smollm2_folder())
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tok = tiny_tokenizer()
+    add_media_tokens(tok)
+    from lmm.backbones.image_transform import ImageTransform
+
+    transform = ImageTransform(shape.image_size, (0.5,) * 3, (0.5,) * 3)
     with tempfile.TemporaryDirectory() as root:
-        pattern = write_shards(root, docs, shape.images, 256)
+        image_px = args.image_px or shape.image_size
+        pattern = write_shards(root, docs, shape.images, image_px)
         cfg = DataConfig.from_dict({"datasets": [{"path": pattern, "format": "mmc4"}], "batch_size": shape.batch,
                                     "max_tokens": shape.tokens, "max_images": shape.images,
                                     "num_workers": args.workers, "epochs": 1, "packing": args.packing})
         loader = build_loader(cfg, tok, transform)
-        t = time.perf_counter()
+        image_id = tok.convert_tokens_to_ids("<image>")
+        t0 = time.perf_counter()
         samples = images = batches = 0
         for batch in loader:
+            if batches == 0:
+                startup, t = time.perf_counter() - t0, time.perf_counter()
+            else:  # steady state: everything after the first batch
+                samples += int(batch["input_ids"].shape[0]) if "segment_ids" not in batch else int(
+                    (batch["segment_ids"].max(1).values + 1).sum())
+                images += int((batch["input_ids"] == image_id).sum())
             batches += 1
-            samples += int(batch["input_ids"].shape[0]) if "segment_ids" not in batch else int(
-                (batch["segment_ids"].max(1).values + 1).sum())
-            images += int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum())
+            pixel_dtype = str(batch["pixel_values"].dtype)
         dt = time.perf_counter() - t
+    if batches < 2:
+        raise SystemExit(f"only {batches} batch: pass more --docs (rates are measured after the first batch)")
     per = max(args.workers, 1)
-    out = {"bench": "data", "shape": args.shape, "workers": args.workers, "packing": args.packing, "batches": batches,
+    out = {"bench": "data", "shape": args.shape, "workers": args.workers, "packing": args.packing, "image_px": image_px,
+           "out_px": shape.image_size, "tokenizer": args.tokenizer or "tiny", "vocab": len(tok), "pixel_dtype": pixel_dtype, "batches": batches, "startup_s": startup,
            "samples_per_s": samples / dt, "images_per_s": images / dt, "samples_per_s_per_worker": samples / dt / per,
            "images_per_s_per_worker": images / dt / per, "bad_samples": loader.bad_sample_counts()}
     for k, v in out.items():

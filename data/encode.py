@@ -2,6 +2,10 @@
 
 Split in two so the expensive half (decoding) can be cached by the repeat buffer while the cheap
 half (image transform, i.e. augmentation, and tokenisation) runs again at every use.
+
+Fast path: an image processor with a `resize_crop` method (lmm's `ImageTransform`) gets uint8 tensors
+decoded by torchvision and returns uint8 media, which the model normalises on its device; any other
+callable gets PIL images and returns float tensors, as torchvision/open_clip transforms expect.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from PIL import Image
 
 from .errors import BadSample
 from .formats import MediaRef, Sample
-from .media import decode_image
+from .media import decode_image, decode_image_tensor
 from .packing import Encoded
 from .text import encode_conversation, encode_document, media_token_ids, truncate
 from .video import sample_frames
@@ -33,6 +37,8 @@ class SampleEncoder:
 
     def __post_init__(self):
         self.image_id, self.eoc_id = media_token_ids(self.tokenizer)
+        self._uint8 = callable(getattr(self.image_transform, "resize_crop", None))
+        self._to_pixels = self.image_transform.resize_crop if self._uint8 else self.image_transform
 
     def limit_media(self, sample: Sample) -> Sample:
         """Apply max_images: skip the sample, or (documents, policy truncate) cut it before the extra image."""
@@ -50,18 +56,19 @@ class SampleEncoder:
             parts.append(p)
         return Sample(key=sample.key, kind="document", parts=parts)
 
-    def decode(self, sample: Sample, image_root=None, num_frames=None) -> tuple[Sample, list[list[Image.Image]]]:
-        """(sample, frames per media item): images are one frame, videos `num_frames` sampled frames."""
+    def decode(self, sample: Sample, image_root=None, num_frames=None) -> tuple[Sample, list[list]]:
+        """(sample, frames per media item): images are one frame (a uint8 tensor on the fast path, else a PIL
+        image), videos `num_frames` sampled PIL frames."""
         sample = self.limit_media(sample)
         frames = []
         for ref in sample.media_refs:
             if ref.kind == "video":
                 frames.append(sample_frames(ref.value, num_frames or self.num_frames, image_root))
             else:
-                frames.append([decode_image(ref.value, image_root)])
+                frames.append([(decode_image_tensor if self._uint8 else decode_image)(ref.value, image_root)])
         return sample, frames
 
-    def encode(self, sample: Sample, frames: list[list[Image.Image]], task: int = 0) -> Encoded:
+    def encode(self, sample: Sample, frames: list[list], task: int = 0) -> Encoded:
         """Tokenise, truncate to max_tokens (dropping media whose `<image>` was cut) and transform media."""
         if sample.kind == "conversation":
             tok = encode_conversation(sample.messages, self.tokenizer)
@@ -74,11 +81,12 @@ class SampleEncoder:
         media = []
         for item in frames[:kept]:
             try:
-                media.append(torch.stack([self.image_transform(f) for f in item]))
+                pix = [self._to_pixels(f) for f in item]
+                media.append(pix[0][None] if len(pix) == 1 else torch.stack(pix))  # (F, C, H, W)
             except Exception as e:  # an image the backbone's preprocessing rejects
                 raise BadSample("corrupt_image", f"image transform failed: {type(e).__name__}: {e}", sample.key) from None
         return Encoded(tok.input_ids, tok.labels, media, task, sample.key)
 
     def media_shape(self) -> tuple[int, int, int]:
         """(C, H, W) the transform produces: the shape of empty media slots."""
-        return tuple(self.image_transform(Image.new("RGB", (64, 64))).shape)
+        return tuple(self._to_pixels(Image.new("RGB", (64, 64))).shape)

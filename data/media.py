@@ -2,7 +2,8 @@
 
 Every failure becomes a `BadSample` with a precise reason, so a corrupt or missing image skips
 its sample instead of stopping the run. Images are fully decoded here (PIL is lazy otherwise), so
-a truncated file fails now, in the loader, not later in the model.
+a truncated file fails now, in the loader, not later in the model. `decode_image_tensor` is the fast
+path (uint8 tensors, JPEG/PNG/WebP through torchvision.io); PIL stays the judge of what is corrupt.
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ import base64
 import io
 import os
 
+import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as tv_decode_image
 
 from .errors import BadSample
 
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # big but bounded: decompression bombs are still refused
+_TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP"}
+_PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def resolve_path(path: str, root: str | None) -> str:
@@ -69,5 +76,27 @@ def decode_image(value, root: str | None = None) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except _PIL_ERRORS as e:
         raise BadSample("corrupt_image", str(e)) from None
+
+
+def decode_image_tensor(value, root: str | None = None) -> torch.Tensor:
+    """uint8 RGB (3, H, W), pixel-identical to `decode_image`: JPEG/PNG/WebP decoded by torchvision.io
+    (libjpeg-turbo/libpng, no PIL image in between); other formats, 16-bit or animated files and anything
+    torchvision refuses go through PIL, which raises the BadSample for a corrupt file."""
+    if isinstance(value, Image.Image):
+        return torch.from_numpy(np.array(value.convert("RGB"))).permute(2, 0, 1)
+    data = read_media_bytes(value, root, "image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # header only: format, and PIL's decompression-bomb limit
+            fmt = im.format
+    except _PIL_ERRORS as e:
+        raise BadSample("corrupt_image", str(e)) from None
+    if fmt in _TORCHVISION_FORMATS:
+        try:
+            x = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if x.dtype == torch.uint8 and x.ndim == 3:
+                return x
+        except RuntimeError:
+            pass  # truncated / corrupt: PIL below gives the reason
+    return decode_image_tensor(decode_image(data))

@@ -2,7 +2,8 @@
 
 Batch contract (what `LMM.forward` consumes):
   input_ids, attention_mask, labels, task_ids: (B, T) long; right padding, labels -100 on padding
-  pixel_values: (B, M, F, C, H, W) float; the k-th `<image>` of row b is pixel_values[b, k]
+  pixel_values: (B, M, F, C, H, W) float, or uint8 (not yet normalised) from an image processor with
+      `resize_crop` (the vision tower normalises it); the k-th `<image>` of row b is pixel_values[b, k]
       (counted across all packed segments of the row); unused slots are zeros; M >= 1
   frame_mask: (B, M, F) bool, only when media in the batch have different frame counts
   segment_ids, position_ids: (B, T) long, packed rows only; position ids restart at 0 per segment;
@@ -41,7 +42,8 @@ def _pixel_values(rows_media: list[list[torch.Tensor]], media_shape: tuple[int, 
     chw = shapes.pop() if shapes else tuple(media_shape)
     frames = {m.shape[0] for row in rows_media for m in row}
     B, M, F = len(rows_media), max([1] + [len(r) for r in rows_media]), max([1] + list(frames))
-    pixels = torch.zeros(B, M, F, *chw)
+    dtype = next((m.dtype for row in rows_media for m in row), torch.float32)
+    pixels = torch.zeros(B, M, F, *chw, dtype=dtype)
     mask = torch.zeros(B, M, F, dtype=torch.bool)
     for b, row in enumerate(rows_media):
         for k, m in enumerate(row):

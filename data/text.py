@@ -29,14 +29,16 @@ class Tokenized:
 
 def media_token_ids(tokenizer) -> tuple[int, int]:
     """(`<image>` id, `<|endofchunk|>` id); a clear error when the tokenizer lacks them."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN) if t not in vocab]
+    # convert_tokens_to_ids, not get_vocab(): that builds a dict of the whole vocabulary (~150k entries for
+    # Llama 3 / Qwen2) on every call, and this runs once per sample
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN)}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
     if missing:
         raise ValueError(f"the tokenizer lacks {missing}; call lmm.tokens.add_media_tokens(tokenizer) "
                          "(and resize the model's embeddings) before building data")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; lmm.tokens.add_media_tokens(tokenizer) sets one")
-    return vocab[IMAGE_TOKEN], vocab[END_OF_CHUNK_TOKEN]
+    return ids[IMAGE_TOKEN], ids[END_OF_CHUNK_TOKEN]
 
 
 def flamingo_text(parts: list, is_media=lambda p: not isinstance(p, str)) -> str:

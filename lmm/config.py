@@ -74,7 +74,9 @@ class LanguageConfig:
     gguf_file: Optional[str] = None
     hf_config: Optional[dict] = None  # e.g. {"model_type": "llama", "hidden_size": 64, ...}: random weights
     tokenizer_path: Optional[str] = None  # default: `path`
-    attn_implementation: str = "sdpa"
+    # "auto": transformers' choice (SDPA where the family supports it, eager otherwise, e.g. Gemma-2's soft-capped
+    # attention); or "sdpa", "eager", "flash_attention_2", "flex_attention"
+    attn_implementation: str = "auto"
     load_in_4bit: bool = False  # QLoRA: bitsandbytes nf4 (CUDA only)
 
 

@@ -113,12 +113,19 @@ class ExtendedEmbedding(nn.Module):
 
 
 class ExtendedHead(nn.Module):
-    """The frozen LM head plus trainable output rows for the new tokens (so `<|endofchunk|>` is predictable)."""
+    """The frozen LM head plus trainable output rows for the new tokens (so `<|endofchunk|>` is predictable).
 
-    def __init__(self, base: nn.Module, new_ids: list[int], vocab_out: int):
+    `scale` and `softcap` repeat what the family's own CausalLM forward does after its lm_head (Cohere's
+    logit_scale, Granite's 1 / logits_scaling, Gemma-2/3's tanh soft-capping): lmm computes logits from the
+    hidden states itself, so without them those families would not give their own logits.
+    """
+
+    def __init__(self, base: nn.Module, new_ids: list[int], vocab_out: int, scale: float = 1.0,
+                 softcap: float | None = None):
         super().__init__()
         self.base = base
         self.vocab_out = vocab_out
+        self.scale, self.softcap = scale, softcap
         self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
         w = base.weight.detach().float()
         init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
@@ -130,7 +137,23 @@ class ExtendedHead(nn.Module):
             pad = logits.new_full((*logits.shape[:-1], self.vocab_out - logits.shape[-1]), float("-inf"))
             logits = torch.cat([logits, pad], dim=-1)
         extra = (h.to(self.extra.dtype) @ self.extra.t()).to(logits.dtype)
-        return logits.index_copy(-1, self.new_ids, extra)
+        logits = logits.index_copy(-1, self.new_ids, extra)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def head_logit_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that an HF CausalLM family applies to lm_head's output, read from its config."""
+    scale = 1.0
+    if "cohere" in getattr(config, "model_type", "") and getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):  # Granite family
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2 / Gemma-3
+    return scale, (float(softcap) if softcap else None)
 
 
 class _Captured(Exception):

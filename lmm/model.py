@@ -27,7 +27,7 @@ from lmm.backbones.language import load_language_model, load_tokenizer
 from lmm.backbones.vision import build_vision_tower
 from lmm.config import ConfigError, LMMConfig, from_dict
 from lmm.fusion import (MEDIA_KWARG, DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, MediaContext,
-                        cross_attn_layer_indices, find_layer_list, fuse_layers)
+                        cross_attn_layer_indices, find_layer_list, fuse_layers, head_logit_transform)
 from lmm.tokens import IMAGE_TOKEN, add_media_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,7 +109,7 @@ class LMM(nn.Module):
         lm_hidden = lm.config.hidden_size
         vocab_out = max(emb.num_embeddings, max(new_ids) + 1)
         self.embed = ExtendedEmbedding(emb, new_ids)
-        self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out)
+        self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out, *head_logit_transform(lm.config))
         b, dv = config.bridge, vision.dim
         if b.kind == "flamingo":
             p = b.perceiver

@@ -40,7 +40,7 @@ def tiny_tokenizer(vocab_size: int = 400):
     return fast
 
 
-LM_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi")
+LM_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi", "gemma", "gemma2", "cohere", "granite")
 
 
 def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 32, layers: int = 4, heads: int = 4):
@@ -63,6 +63,15 @@ def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 3
     elif family == "phi":
         kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=heads, max_position_embeddings=256)
+    elif family in ("gemma", "gemma2", "cohere", "granite"):
+        # families whose forward rescales the embeddings (Gemma) or the LM head's logits (Gemma-2 soft-capping,
+        # Cohere logit_scale, Granite logits_scaling), set strong enough here that skipping it fails the tests
+        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256)
+        kw.update({"gemma": dict(head_dim=hidden // heads), "cohere": dict(logit_scale=0.25),
+                   "gemma2": dict(head_dim=hidden // heads, final_logit_softcapping=0.5, attn_logit_softcapping=None),
+                   "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                   attention_multiplier=0.2)}[family])
     else:
         raise ValueError(f"unknown tiny LM family {family!r}; choose one of {LM_FAMILIES}")
     return AutoConfig.for_model(family, **common, **kw, bos_token_id=0, eos_token_id=0, pad_token_id=0)

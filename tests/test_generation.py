@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmm.testing import tiny_lmm
+from lmm.testing import LM_FAMILIES, tiny_lmm
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,18 @@ def test_left_padded_batch_equals_each_prompt_alone(models, bridge, images):
     batch = m.generate(prompts, images=ims, max_new_tokens=8)
     alone = [m.generate(p, images=i, max_new_tokens=8) for p, i in zip(prompts, ims)]
     assert batch == alone
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_every_family_decodes_with_cache_and_left_padding_exactly(family, images):
+    """Each decoder family's own cache (sliding-window layers, soft-capped heads ...) through lmm's decoding."""
+    m = tiny_lmm(family=family, seed=3, gates=0.8)
+    prompts = ["<image>a photo of<|endofchunk|><image>the answer is", "<image>x"]
+    ims = [images[:2], images[2:3]]
+    kw = dict(max_new_tokens=10, stop_at_end_of_chunk=False)
+    cached = m.generate(prompts, images=ims, use_cache=True, **kw)
+    assert cached == m.generate(prompts, images=ims, use_cache=False, **kw)
+    assert cached == [m.generate(p, images=i, **kw) for p, i in zip(prompts, ims)]
 
 
 def test_decoding_uses_the_image(models, images):

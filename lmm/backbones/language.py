@@ -13,7 +13,8 @@ def load_language_model(cfg: LanguageConfig, dtype: torch.dtype, device: str | t
     """Return the frozen LM (eval mode, no grad) in `dtype` on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn}
     if cfg.load_in_4bit:
         if not torch.cuda.is_available():
             raise ConfigError("language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; "

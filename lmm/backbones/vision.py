@@ -1,7 +1,7 @@
 """Frozen vision towers that turn images into per-patch tokens, with their own preprocessing.
 
 `build_vision_tower(cfg)` returns a `VisionTower`: forward((B, C, H, W)) -> (B, N, D), `.dim`, `.preprocess`
-(PIL image -> (C, H, W) tensor). Weights load from local paths only.
+(PIL image or uint8 tensor -> normalised (C, H, W)). Weights load from local paths only.
 """
 
 from __future__ import annotations
@@ -10,33 +10,34 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import transforms as T
 
+from lmm.backbones.image_transform import ImageTransform
 from lmm.config import ConfigError, VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def image_transform(size: int, mean, std) -> T.Compose:
-    """Resize (bicubic) + centre crop + normalise, on an RGB PIL image."""
-    return T.Compose([T.Lambda(lambda im: im.convert("RGB")),
-                      T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize(mean, std)])
-
-
 class VisionTower(nn.Module):
     """A frozen encoder; subclasses implement `encode` ((B, C, H, W) -> (B, N, D))."""
 
     dim: int
-    preprocess: T.Compose
+    preprocess: Callable  # image -> normalised (C, H, W); an ImageTransform where the tower's preprocessing allows
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels, or uint8 pixels (resized, not yet normalised: see ImageTransform)."""
+        dtype = next(self.parameters()).dtype
         with torch.no_grad():
-            return self.encode(pixel_values.to(next(self.parameters()).dtype))
+            if pixel_values.dtype == torch.uint8:
+                if not isinstance(self.preprocess, ImageTransform):
+                    raise ValueError("uint8 pixel_values need a tower whose preprocess is an ImageTransform "
+                                     "(it knows the mean/std); pass normalised float pixels instead")
+                return self.encode(self.preprocess.normalize(pixel_values, dtype))
+            return self.encode(pixel_values.to(dtype))
 
     def train(self, mode: bool = True):  # always eval: frozen, no dropout/batch-norm updates
         return super().train(False)
@@ -62,7 +63,8 @@ class OpenClipVision(VisionTower):
                               "Pass a local checkpoint path as vision.pretrained; nothing is downloaded.") from e
         self.visual = model.visual
         del model
-        self.preprocess = preprocess
+        # the same pixels as open_clip's PIL transform, faster; its own transform where ours does not match it
+        self.preprocess = ImageTransform.from_open_clip(getattr(self.visual, "preprocess_cfg", {}) or {}) or preprocess
         self.layer, self.include_cls = cfg.layer, cfg.include_cls
         self.is_vit = hasattr(self.visual, "transformer")
         if self.is_vit:
@@ -130,7 +132,7 @@ class HFVision(VisionTower):
         siglip = "siglip" in c.model_type
         mean = cfg.mean or ((0.5, 0.5, 0.5) if siglip else CLIP_MEAN)
         std = cfg.std or ((0.5, 0.5, 0.5) if siglip else CLIP_STD)
-        self.preprocess = image_transform(size, mean, std)
+        self.preprocess = ImageTransform(size, tuple(mean), tuple(std), "bicubic", "squash" if siglip else "shortest")
         self.requires_grad_(False)
         self.eval()
 

@@ -6,6 +6,7 @@ import random
 import tarfile
 
 import pytest
+import torch
 
 from lmm.data import DataConfig, DataError, build_loader
 from lmm.data.video import write_video
@@ -65,15 +66,20 @@ def truncate_tar(path, sample_index: int) -> None:
         f.truncate(member.offset_data + member.size // 2)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers,fast", [(0, False), (2, False), (0, True), (2, True)])
 def test_fuzz_shard_yields_exactly_the_good_samples_and_counts_the_bad(tmp_path, tokenizer, transform, img,
-                                                                       write_tar, decode_rows, workers, caplog):
+                                                                       write_tar, decode_rows, workers, fast, caplog):
+    """Both image paths: PIL images into a torchvision transform, and the fast path (torchvision.io decoding,
+    uint8 ImageTransform) where PIL still judges every file torchvision refuses."""
+    from lmm.backbones.image_transform import ImageTransform
+
     good, expected = make_fuzz_shard(tmp_path, img, write_tar)
     cfg = DataConfig.from_dict({"datasets": [{"path": str(tmp_path / "fuzz-000.tar")}], "batch_size": 5,
                                 "epochs": 1, "max_images": 3, "num_workers": workers, "num_frames": 2})
-    loader = build_loader(cfg, tokenizer, transform)
+    loader = build_loader(cfg, tokenizer, ImageTransform(32, (0.5,) * 3, (0.5,) * 3) if fast else transform)
     with caplog.at_level(logging.WARNING, logger="lmm.data"):
         batches = list(loader)
+    assert all(b["pixel_values"].dtype == (torch.uint8 if fast else torch.float32) for b in batches)
     assert sorted(captions_of(batches, decode_rows)) == good
     assert loader.bad_sample_counts() == expected
     if workers == 0:  # worker processes log in their own process
