@@ -45,6 +45,12 @@ def loss_spans(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
     return spans
 
 
+def _width_height(frame) -> str:
+    """WxH of a decoded frame: a PIL image, or a uint8 (3, H, W) tensor from the fast path."""
+    w, h = (frame.shape[-1], frame.shape[-2]) if isinstance(frame, torch.Tensor) else frame.size
+    return f"{w}x{h}"
+
+
 def inspect_dataset(dcfg: DatasetConfig, cfg: DataConfig, tokenizer, limit: int = 200, show: int = 3) -> Inspection:
     source = build_source(dcfg, cfg.seed)
     kind = f"{type(source).__name__}, {len(source)} {'shards' if isinstance(source, ShardSource) else 'rows'}"
@@ -74,7 +80,7 @@ def inspect_dataset(dcfg: DatasetConfig, cfg: DataConfig, tokenizer, limit: int 
         rep.images.append(len(enc.media))
         if len(rep.shown) < show:
             rep.shown.append({"key": key, "text": tokenizer.decode(enc.input_ids),
-                              "media": [f"{len(f)} frame(s) {f[0].size[0]}x{f[0].size[1]}" for f in frames],
+                              "media": [f"{len(f)} frame(s) {_width_height(f[0])}" for f in frames],
                               "loss": loss_spans(tokenizer, enc.input_ids, enc.labels)})
     rep.bad = dict(counter.counts)
     return rep

@@ -43,31 +43,32 @@ def tiny_tokenizer(vocab_size: int = 400):
 LM_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi", "gemma", "gemma2", "cohere", "granite")
 
 
-def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 32, layers: int = 4, heads: int = 4):
+def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 32, layers: int = 4, heads: int = 4,
+                   max_positions: int = 256):
     """A tiny `PretrainedConfig` of the given HF decoder family (random weights when built)."""
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size)
     if family in ("llama", "qwen2", "mistral"):
         kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
                   tie_word_embeddings=False)
     elif family == "gpt2":
         kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256)
     elif family == "gpt_neox":
         kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, max_position_embeddings=256)
+                  num_attention_heads=heads, max_position_embeddings=max_positions)
     elif family == "opt":
         kw = dict(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
-                  max_position_embeddings=256, word_embed_proj_dim=hidden)
+                  max_position_embeddings=max_positions, word_embed_proj_dim=hidden)
     elif family == "phi":
         kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, max_position_embeddings=256)
+                  num_attention_heads=heads, max_position_embeddings=max_positions)
     elif family in ("gemma", "gemma2", "cohere", "granite"):
         # families whose forward rescales the embeddings (Gemma) or the LM head's logits (Gemma-2 soft-capping,
         # Cohere logit_scale, Granite logits_scaling), set strong enough here that skipping it fails the tests
         kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256)
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions)
         kw.update({"gemma": dict(head_dim=hidden // heads), "cohere": dict(logit_scale=0.25),
                    "gemma2": dict(head_dim=hidden // heads, final_logit_softcapping=0.5, attn_logit_softcapping=None),
                    "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
@@ -97,11 +98,11 @@ def tiny_vision_config(kind: str = "open_clip"):
 
 
 def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip",
-                    cross_attn_layers: list[int] | None = None, **bridge_kw):
+                    cross_attn_layers: list[int] | None = None, max_positions: int = 256, **bridge_kw):
     """An LMMConfig of tiny random parts (a few hundred thousand parameters), fp32."""
     from lmm.config import BridgeConfig, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig, QFormerConfig
 
-    lm = tiny_lm_config(family).to_dict()
+    lm = tiny_lm_config(family, max_positions=max_positions).to_dict()
     keep = {k: v for k, v in lm.items() if not k.startswith("_") and k not in ("transformers_version", "architectures",
                                                                                  "dtype", "torch_dtype")}
     bridge_cfg = BridgeConfig(kind=bridge,
@@ -113,15 +114,16 @@ def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str
 
 
 def tiny_lmm(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip", seed: int = 0,
-             gates: float | None = None, cross_attn_layers: list[int] | None = None, **bridge_kw):
+             gates: float | None = None, cross_attn_layers: list[int] | None = None, max_positions: int = 256,
+             **bridge_kw):
     """A tiny random LMM on CPU with the tiny tokenizer. `gates` sets every tanh gate (default 0: exact bare LM)."""
     import torch
 
     from lmm.model import LMM
 
     torch.manual_seed(seed)
-    model = LMM.from_config(tiny_lmm_config(family, bridge, vision, cross_attn_layers, **bridge_kw), tokenizer=tiny_tokenizer(),
-                            device="cpu")
+    cfg = tiny_lmm_config(family, bridge, vision, cross_attn_layers, max_positions, **bridge_kw)
+    model = LMM.from_config(cfg, tokenizer=tiny_tokenizer(), device="cpu")
     if gates is not None:
         with torch.no_grad():
             for blk in model.xattn_blocks():
@@ -136,7 +138,8 @@ def saved_tiny_chat_model(folder, image_name: str = "image.png"):
     import numpy as np
     from PIL import Image
 
-    model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5)
+    # a long context (RoPE: no position table to grow), so a test can stream an answer long enough to interrupt
+    model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5, max_positions=8192)
     model.save_pretrained(folder / "model")
     image = folder / image_name
     Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)

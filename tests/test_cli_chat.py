@@ -84,9 +84,10 @@ def test_interactive_session_in_a_pty(saved, tmp_path):
         child.expect_exact("error: image not found")
         child.expect_exact(PROMPT)
 
-        # Ctrl-C stops a long answer, the session goes on
-        child.sendline("/set max_new_tokens 230")
-        child.expect_exact("max_new_tokens = 230")
+        # Ctrl-C stops a long answer, the session goes on (4,000 tokens: seconds of streaming, so the interrupt
+        # always lands mid-answer; 230 tokens could finish before it on a fast machine)
+        child.sendline("/set max_new_tokens 4000")
+        child.expect_exact("max_new_tokens = 4000")
         child.expect_exact(PROMPT)
         child.sendline("tell me more")
         child.expect_exact("assistant> ")
