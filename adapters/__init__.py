@@ -1,8 +1,10 @@
 """Trainable bridges between a frozen vision tower and a frozen LM: plain nn.Modules over tensors."""
 
+from .contrastive import ContrastiveHead, info_nce
 from .perceiver import PerceiverResampler
 from .projector import Projector
 from .qformer import QFormer
 from .xattn import GatedCrossAttentionBlock, media_mask
 
-__all__ = ["PerceiverResampler", "GatedCrossAttentionBlock", "media_mask", "QFormer", "Projector"]
+__all__ = ["PerceiverResampler", "GatedCrossAttentionBlock", "media_mask", "QFormer", "Projector", "ContrastiveHead",
+           "info_nce"]

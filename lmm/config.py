@@ -128,6 +128,9 @@ class BridgeConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     use_perceiver: bool = True  # flamingo: False = a linear projection of the visual tokens instead
+    # flamingo: > 0 adds an image-text contrastive head of this width (train it with contrastive_weight > 0;
+    # LMM.similarity scores images against texts with it)
+    contrastive_dim: int = 0
 
 
 @dataclass

@@ -22,6 +22,9 @@ class MediaContext:
 
     media: torch.Tensor  # (B, M, L, Dv) resampled visual tokens
     visible: torch.Tensor  # bool (B, T, M): which media each of the current T tokens may attend to
+    # record_text: the lowest fused layer stores its input here (text-only states, for the contrastive head)
+    record_text: bool = False
+    text_hidden: torch.Tensor | None = None  # (B, T, D)
 
 
 class FusedLayer(nn.Module):
@@ -36,6 +39,8 @@ class FusedLayer(nn.Module):
         ctx: MediaContext | None = kwargs.get(MEDIA_KWARG)
         if ctx is not None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if ctx.record_text and ctx.text_hidden is None:  # the first fused layer to run is the lowest
+                ctx.text_hidden = hidden
             p = next(self.block.parameters())
             out = self.block(hidden.to(p.dtype) if not torch.is_autocast_enabled() else hidden,
                              ctx.media, ctx.visible).to(hidden.dtype)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm.adapters import GatedCrossAttentionBlock, PerceiverResampler, Projector, QFormer, media_mask
+from lmm.adapters import (ContrastiveHead, GatedCrossAttentionBlock, PerceiverResampler, Projector, QFormer, info_nce,
+                          media_mask)
 from lmm.backbones.language import load_language_model, load_tokenizer
 from lmm.backbones.vision import build_vision_tower
 from lmm.config import ConfigError, LMMConfig, from_dict
@@ -46,6 +47,7 @@ class LMMOutput:
     attention_mask: torch.Tensor | None = None  # after `<image>` expansion (Q-Former / projector)
     labels: torch.Tensor | None = None  # idem
     token_losses: torch.Tensor | None = None  # (B, T-1) next-token losses, 0 where labels are -100
+    contrastive_loss: torch.Tensor | None = None  # image-text InfoNCE over the batch (bridge.contrastive_dim > 0)
 
 
 class MediaFlatten(nn.Module):
@@ -130,6 +132,13 @@ class LMM(nn.Module):
                                        b.perceiver.max_frames)
         else:
             raise ConfigError(f"bridge.kind must be flamingo, qformer or projector; got {b.kind!r}")
+        self.contrastive = None
+        if b.contrastive_dim > 0:
+            if b.kind != "flamingo":
+                raise ConfigError("bridge.contrastive_dim needs the flamingo bridge (its text side is the LM's "
+                                  "hidden states below the lowest cross-attention layer, which never see the "
+                                  "image); set bridge.contrastive_dim=0")
+            self.contrastive = ContrastiveHead(dv, lm_hidden, b.contrastive_dim).to(emb.weight.device)
         self._freeze()
         self.resampler.to(emb.weight.device)
         for blk in self.xattn_blocks():
@@ -212,6 +221,8 @@ class LMM(nn.Module):
             blk.requires_grad_(True)
         self.embed.extra.requires_grad_(True)
         self.head.extra.requires_grad_(True)
+        if self.contrastive is not None:
+            self.contrastive.requires_grad_(True)
         for n, p in self.lm.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
@@ -301,6 +312,7 @@ class LMM(nn.Module):
             segment_ids = segment_ids.to(self.device)
         embeds = self.embed(input_ids)
         ctx = None
+        contrastive = self.contrastive is not None and labels is not None and media is not None
         if media is not None and self.config.bridge.kind != "flamingo" and bool(n_img.any()):
             embeds, attention_mask, labels, segment_ids = self._splice(embeds, is_img, media, attention_mask,
                                                                       labels, segment_ids)
@@ -316,7 +328,7 @@ class LMM(nn.Module):
                 media_seg[bi, text_idx[bi, ti] - 1] = segment_ids[bi, ti]
             visible = media_mask(text_idx, media.shape[1], self.config.bridge.cross_attn.only_previous_image,
                                  segment_ids, media_seg)
-            ctx = MediaContext(media=media, visible=visible)
+            ctx = MediaContext(media=media, visible=visible, record_text=contrastive)
         Tn = embeds.shape[1]
         if position_ids is None:
             if segment_ids is not None:
@@ -336,6 +348,8 @@ class LMM(nn.Module):
                 layer_kwargs[MEDIA_KWARG] = ctx
             h = replay.run(prefix_hidden.to(self.device), prefix_layer, layer_kwargs)
             out = None
+            if ctx is not None:
+                ctx.text_hidden = prefix_hidden.to(self.device)  # the input of the lowest bridge layer
         else:
             out = self.lm.base_model(**kwargs)
             h = out.last_hidden_state
@@ -352,8 +366,25 @@ class LMM(nn.Module):
         logits = None
         if return_logits:
             logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        contrastive_loss = None
+        if contrastive and ctx is not None and ctx.text_hidden is not None:
+            contrastive_loss = self._contrastive_loss(media, n_img, ctx.text_hidden, labels)
         return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache and out else None,
-                         attention_mask=attention_mask, labels=labels, token_losses=token_losses)
+                         attention_mask=attention_mask, labels=labels, token_losses=token_losses,
+                         contrastive_loss=contrastive_loss)
+
+    def _contrastive_loss(self, media: torch.Tensor, n_img: torch.Tensor, text_hidden: torch.Tensor,
+                          labels: torch.Tensor) -> torch.Tensor:
+        """InfoNCE between each row's media and its labelled text; the batch's other rows are the negatives.
+        Rows without media or without labelled tokens take no part; fewer than two rows give 0."""
+        valid = torch.arange(media.shape[1], device=media.device) < n_img.to(media.device)[:, None]  # (B, M)
+        positions = labels != -100  # (B, T)
+        rows = valid.any(1) & positions.any(1)
+        if int(rows.sum()) < 2:
+            return torch.zeros((), device=media.device)
+        img = self.contrastive.embed_media(media[rows], valid[rows])
+        txt = self.contrastive.embed_text(text_hidden[rows], positions[rows])
+        return info_nce(img, txt, self.contrastive.scale())
 
     def _decoder_replay(self) -> DecoderReplay:
         if getattr(self, "_replay", None) is None:
@@ -458,6 +489,12 @@ class LMM(nn.Module):
         from lmm.generation import score_candidates
 
         return score_candidates(self, prompts, images, candidates, batch_size=batch_size)
+
+    def similarity(self, images, texts: Sequence[str]) -> torch.Tensor:
+        """Image-text cosine similarities (len(images), len(texts)) from the contrastive head (see lmm.retrieval)."""
+        from lmm.retrieval import similarity
+
+        return similarity(self, images, texts)
 
     @torch.no_grad()
     def embed_images(self, images) -> torch.Tensor:

@@ -104,6 +104,9 @@ class TrainConfig(YamlConfig):
     frozen_cache: bool = False  # precompute vision features + hidden states below the bridge (easy-vqa data)
     balance_answers: bool = False  # frozen_cache: draw every answer of a question equally often (no text prior)
     calibrate_xattn_norms: bool = False  # fresh runs: standardise the xattn blocks' LayerNorms on the first batch
+    # weight of the image-text contrastive loss (InfoNCE, FLAVA/BLIP-2) beside the next-token loss; needs a model
+    # with bridge.contrastive_dim > 0; each micro-batch's other rows are its negatives
+    contrastive_weight: float = 0.0
 
     # ------------------------------------------------------------------ paths
 
@@ -143,6 +146,14 @@ class TrainConfig(YamlConfig):
                 from_dict(LMMConfig, apply_overrides(LMMConfig().to_dict(), list(self.model_overrides)))
             except ConfigError as e:
                 raise ConfigError(f"model_overrides: {e}") from None
+        if self.contrastive_weight < 0:
+            raise ConfigError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.contrastive_weight > 0 and self.model is not None and self.model.bridge.contrastive_dim <= 0:
+            raise ConfigError("contrastive_weight > 0 needs a contrastive head: set model.bridge.contrastive_dim "
+                              "(e.g. 256)")
+        if self.contrastive_weight > 0 and self.data.packing:
+            raise ConfigError("contrastive_weight compares whole rows (image with caption); packed rows hold "
+                              "several samples: set data.packing=false")
         if self.model is not None and self.model.language.load_in_4bit and not _cuda():
             raise ConfigError("model.language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; set "
                               "model.language.load_in_4bit=false to train in full precision on this machine")

@@ -80,6 +80,9 @@ class Trainer:
         if len(self.loss_weights) != len(self.task_names):
             raise ConfigError(f"{len(self.loss_weights)} loss weights for {len(self.task_names)} tasks")
 
+        if cfg.contrastive_weight > 0 and getattr(unwrap(model), "contrastive", None) is None:
+            raise ConfigError("contrastive_weight > 0 needs a model with a contrastive head: add the model override "
+                              "bridge.contrastive_dim=256 (or set it in the model config)")
         if unwrap(model).device != self.env.device:
             model.to(self.env.device)
         self.lmm = model
@@ -194,19 +197,26 @@ class Trainer:
                 print(f"calibrate_xattn_norms: standardised the input norms of {n} cross-attention blocks on the "
                       "first batch", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(1 + n_tasks, dtype=torch.float64, device=self.env.device)
+        total = torch.zeros(2 + n_tasks, dtype=torch.float64, device=self.env.device)
+        share = 1.0 / (len(prepared) * self.env.world_size)  # of a per-micro-batch mean (the contrastive loss)
         for i, (batch, keep, tasks) in enumerate(prepared):
             with self._sync_context(i == len(prepared) - 1), self._autocast():
                 out = self.model(**batch, return_logits=False)
                 loss, per_task = step_loss(out.token_losses, out.labels, keep, tasks, coef, n_tasks)
+                if self.cfg.contrastive_weight > 0:
+                    contrastive = out.contrastive_loss.double() * share
+                    loss = loss + self.cfg.contrastive_weight * contrastive
+                    total[1] += contrastive.detach()
             # DDP / FSDP average gradients over ranks; the loss is already a share of the global sum
             (loss * self.env.world_size).backward()
             total[0] += loss.detach()
-            total[1:] += per_task
+            total[2:] += per_task
         self.env.all_reduce_sum(total)
         loss_value = float(total[0])
-        task_losses = {name: float(total[1 + t] / global_counts[t]) for t, name in enumerate(self.task_names)
+        task_losses = {name: float(total[2 + t] / global_counts[t]) for t, name in enumerate(self.task_names)
                        if global_counts[t] > 0}
+        if self.cfg.contrastive_weight > 0:  # logged beside the per-dataset next-token losses
+            task_losses["contrastive"] = float(total[1])
 
         grad_norm = None
         finite = math.isfinite(loss_value)

@@ -1,0 +1,125 @@
+"""Image-text contrastive objective (bridge.contrastive_dim, contrastive_weight): what it compares, that it
+learns retrieval, that the trainer weighs and logs it, that it saves, and the configuration errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from lmm.config import ConfigError
+from lmm.testing import ListSource, tiny_lmm, tiny_train_config
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230), "yellow": (240, 230, 20),
+           "white": (250, 250, 250), "black": (5, 5, 5), "purple": (140, 20, 200), "orange": (250, 140, 0)}
+
+
+def pictures():
+    out = []
+    for i, rgb in enumerate(COLOURS.values()):
+        im = Image.new("RGB", (32, 32), (128, 128, 128))
+        ImageDraw.Draw(im).ellipse([4, 4 + i % 3, 28, 28], fill=rgb)
+        out.append(im)
+    return out
+
+
+def pair_batch(model, images, captions):
+    """Pair rows "<image>caption<|endofchunk|>" with labels on the caption, as the data pipeline makes them."""
+    from lmm.data.formats import MediaRef
+    from lmm.data.text import encode_document
+
+    enc = [encode_document([MediaRef(None), c], model.tokenizer) for c in captions]
+    T = max(len(e.input_ids) for e in enc)
+    ids = torch.full((len(enc), T), model.tokenizer.pad_token_id)
+    labels = torch.full((len(enc), T), -100)
+    mask = torch.zeros((len(enc), T), dtype=torch.long)
+    for b, e in enumerate(enc):
+        ids[b, :len(e.input_ids)], labels[b, :len(e.labels)], mask[b, :len(e.input_ids)] = (
+            torch.tensor(e.input_ids), torch.tensor(e.labels), 1)
+    pix = torch.stack([model.image_processor(im) for im in images])[:, None, None]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}
+
+
+def test_loss_is_info_nce_of_pooled_media_and_image_free_text_states():
+    model = tiny_lmm(gates=1.0, seed=2, contrastive_dim=16)  # open gates: layers above the lowest see the image
+    images, captions = pictures()[:4], [f"a {c} disc" for c in list(COLOURS)[:4]]
+    batch = pair_batch(model, images, captions)
+    out = model(**batch)
+    with torch.no_grad():
+        text = model.prefix_hidden_states(batch["input_ids"], batch["attention_mask"])  # below the first xattn
+        media = model.encode_media(batch["pixel_values"])  # (B, 1, L, D)
+        head = model.contrastive
+        pooled_txt = torch.stack([text[b][batch["labels"][b] != -100].mean(0) for b in range(4)])
+        img = F.normalize(head.media_proj(head.media_norm(media.mean((1, 2)))), dim=-1)
+        txt = F.normalize(head.text_proj(head.text_norm(pooled_txt)), dim=-1)
+        logits = math.exp(head.log_scale.item()) * img @ txt.t()
+        want = -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2
+    torch.testing.assert_close(out.contrastive_loss, want, atol=1e-5, rtol=1e-5)
+    # the text side does not depend on the images: other pictures change the loss only through the media side
+    other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
+    txt_other = model.prefix_hidden_states(other["input_ids"], other["attention_mask"])
+    assert torch.equal(txt_other, text)
+    assert not torch.allclose(model(**other).contrastive_loss, out.contrastive_loss)
+
+
+def test_training_on_it_learns_image_text_retrieval():
+    torch.manual_seed(0)
+    model = tiny_lmm(seed=4, contrastive_dim=32)
+    images, captions = pictures(), [f"a {c} disc" for c in COLOURS]
+    before = model.similarity(images, captions).argmax(1)
+    batch = pair_batch(model, images, captions)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(**batch, return_logits=False).contrastive_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    after = model.similarity(images, captions)
+    assert after.shape == (8, 8)
+    assert after.argmax(1).tolist() == list(range(8)), (before.tolist(), after.argmax(1).tolist())
+    assert after.argmax(0).tolist() == list(range(8))  # and text -> image retrieval
+    assert float(loss.detach()) < 0.1
+
+
+def test_trainer_adds_the_weighted_loss_and_logs_it(tmp_path):
+    from lmm.training import Trainer
+
+    model = tiny_lmm(seed=1, contrastive_dim=16)
+    batch = pair_batch(model, pictures()[:4], [f"a {c} disc" for c in list(COLOURS)[:4]])
+    with torch.no_grad():
+        out = model(**batch, return_logits=False)
+    cfg = tiny_train_config(tmp_path, contrastive_weight=0.5, schedule={"max_steps": 1})
+    trainer = Trainer(model, cfg, ListSource([batch]))
+    result = trainer.fit()
+    assert result.losses[0] == pytest.approx(float(out.loss) + 0.5 * float(out.contrastive_loss), rel=1e-5)
+    logged = [r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"step": 1' in r]
+    assert logged and '"loss/contrastive"' in logged[0]
+
+
+def test_saved_and_reloaded_model_keeps_the_head(tmp_path):
+    from lmm.model import LMM
+
+    model = tiny_lmm(seed=3, contrastive_dim=16)
+    model.save_pretrained(tmp_path / "m")
+    again = LMM.from_pretrained(tmp_path / "m", device="cpu")
+    ims, texts = pictures()[:3], ["a red disc", "a green disc", "a blue disc"]
+    assert torch.equal(model.similarity(ims, texts), again.similarity(ims, texts))
+
+
+def test_configuration_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="flamingo"):
+        tiny_lmm(bridge="projector", contrastive_dim=16)
+    with pytest.raises(ValueError, match="contrastive_dim"):
+        tiny_lmm().similarity(pictures()[:1], ["a red disc"])
+    from lmm.testing import tiny_lmm_config
+    from lmm.training import Trainer
+
+    cfg = tiny_train_config(tmp_path, contrastive_weight=1.0, model=tiny_lmm_config().to_dict())
+    with pytest.raises(ConfigError, match="bridge.contrastive_dim"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match="packing"):
+        tiny_train_config(tmp_path, contrastive_weight=1.0, data={"packing": True}, preset="lmm-tiny").validate()
+    with pytest.raises(ConfigError, match="bridge.contrastive_dim=256"):
+        Trainer(tiny_lmm(), tiny_train_config(tmp_path, contrastive_weight=1.0), ListSource([]))
