@@ -62,3 +62,23 @@ def test_fsdp2_two_processes_match_one_across_a_killed_and_resumed_run(tmp_path,
     out = h.finish(h.launch(cfg, tmp_path, torchrun=2))  # resumes sharded weights and optimizer state
     assert "resumed from" in out
     assert_same_run(tmp_path / "run", single, h)
+
+
+@pytest.mark.slow  # two launches: about a minute on 2 shared cores
+def test_ddp_with_the_contrastive_loss_matches_one_process(tmp_path, tiny_dir, dataset, h):
+    """Each micro-batch's InfoNCE (its rows are its negatives) is averaged over micro-batches and ranks, so
+    2 ranks x 1 micro-batch take the same steps as 1 process x 2 accumulated micro-batches."""
+    extra = dict(model_overrides=["bridge.contrastive_dim=16"], contrastive_weight=0.5)
+    one = config(tmp_path / "one", tiny_dir, dataset, h, optim={"global_batch_size": 8, "grad_accum": 2},
+                 data={"num_workers": 2}, **extra)
+    h.finish(h.launch(one, tmp_path))
+    two = config(tmp_path / "two", tiny_dir, dataset, h, distributed="ddp", optim={"global_batch_size": 8},
+                 data={"num_workers": 1}, **extra)
+    h.finish(h.launch(two, tmp_path, torchrun=2))
+    from lmm.training.monitor import read_metrics
+
+    rows = {name: [r for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("one", "two")}
+    assert [r["loss/contrastive"] for r in rows["one"]] == pytest.approx(
+        [r["loss/contrastive"] for r in rows["two"]], rel=1e-5)
+    assert rows["one"][0]["loss/contrastive"] > 0
+    assert h.step_losses(tmp_path / "two") == pytest.approx(h.step_losses(tmp_path / "one"), rel=1e-5)
