@@ -1,8 +1,8 @@
 """Image-text contrastive head (CLIP / BLIP-2 ITC, FLAVA): an objective beside next-token prediction.
 
-Images are the bridge's resampled media (what the cross-attention reads); texts are the LM's hidden states
-entering its lowest cross-attention layer, which depend on the text alone (CoCa's unimodal text half), so the
-text side never sees the image it is compared with. Both are mean-pooled, projected and L2-normalised.
+Images are the bridge's resampled media (what the cross-attention reads); texts are the frozen LM's hidden
+states at a middle layer from a text-only pass (CoCa's unimodal text half), so the text side never sees the
+image it is compared with. Both are mean-pooled, projected and L2-normalised.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class ContrastiveHead(nn.Module):
         self.media_norm, self.text_norm = nn.LayerNorm(media_dim), nn.LayerNorm(text_dim)
         self.media_proj = nn.Linear(media_dim, dim, bias=False)
         self.text_proj = nn.Linear(text_dim, dim, bias=False)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.log_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # CLIP's initial temperature; (1,) for FSDP2
 
     def embed_media(self, media: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """media (B, M, L, D), valid bool (B, M) -> unit vectors (B, dim): mean over the row's valid media."""

@@ -62,9 +62,11 @@ def random_batch(model, shape: Shape, device: str, batch: int | None = None) -> 
     ids = torch.randint(402, V, (B, shape.tokens), generator=g)
     chunk = shape.tokens // shape.images
     ids[:, ::chunk][:, :shape.images] = model.image_token_id
-    # uint8 crops, as the data loader ships them; the vision tower normalises them on the device
-    pix = torch.randint(0, 256, (B, shape.images, 1, 3, shape.image_size, shape.image_size), generator=g,
-                        dtype=torch.uint8)
+    # uint8 crops, as the data loader ships them (the vision tower normalises them on the device); float
+    # pixels for a tower that keeps its own transform
+    size = (B, shape.images, 1, 3, shape.image_size, shape.image_size)
+    uint8 = callable(getattr(model.image_processor, "normalize", None))
+    pix = torch.randint(0, 256, size, generator=g, dtype=torch.uint8) if uint8 else torch.randn(size, generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "labels": ids.masked_fill(ids == model.image_token_id, -100).to(device), "pixel_values": pix.to(device)}
 

@@ -3,9 +3,9 @@
 Split in two so the expensive half (decoding) can be cached by the repeat buffer while the cheap
 half (image transform, i.e. augmentation, and tokenisation) runs again at every use.
 
-Fast path: an image processor with a `resize_crop` method (lmm's `ImageTransform`) gets uint8 tensors
-decoded by torchvision and returns uint8 media, which the model normalises on its device; any other
-callable gets PIL images and returns float tensors, as torchvision/open_clip transforms expect.
+Fast path: an image processor with `resize_crop` and `normalize` methods (lmm's `ImageTransform`) gets
+uint8 tensors decoded by torchvision and returns uint8 media, which the model normalises on its device;
+any other callable gets PIL images and returns float tensors, as torchvision/open_clip transforms expect.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class SampleEncoder:
 
     def __post_init__(self):
         self.image_id, self.eoc_id = media_token_ids(self.tokenizer)
-        self._uint8 = callable(getattr(self.image_transform, "resize_crop", None))
+        # the uint8 protocol (lmm's ImageTransform): resize_crop here, normalize in the vision tower
+        self._uint8 = all(callable(getattr(self.image_transform, f, None)) for f in ("resize_crop", "normalize"))
         self._to_pixels = self.image_transform.resize_crop if self._uint8 else self.image_transform
 
     def limit_media(self, sample: Sample) -> Sample:
@@ -90,3 +91,7 @@ class SampleEncoder:
     def media_shape(self) -> tuple[int, int, int]:
         """(C, H, W) the transform produces: the shape of empty media slots."""
         return tuple(self._to_pixels(Image.new("RGB", (64, 64))).shape)
+
+    def media_dtype(self) -> torch.dtype:
+        """uint8 on the fast path, else the transform's dtype: empty media slots use it too."""
+        return self._to_pixels(Image.new("RGB", (64, 64))).dtype

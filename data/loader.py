@@ -46,7 +46,7 @@ class ReaderPipeline:
         self.stages = cfg.resolved_stages()
         self.schedule = Schedule([s.steps for s in self.stages])
         self.task_names = cfg.task_names()
-        self.media_shape = encoder.media_shape()
+        self.media_shape, self.media_dtype = encoder.media_shape(), encoder.media_dtype()
         self.counter = BadSampleCounter(log=cfg.log_bad_samples)
         self.batches, self.draws, self.stage = 0, 0, None
         self.saved: dict = {}  # dataset name -> stream state (streams not open right now)
@@ -151,9 +151,9 @@ class ReaderPipeline:
                 return
             pad = self.encoder.tokenizer.pad_token_id
             if self.cfg.packing:
-                batch = collate_packed(rows, pad, self.cfg.max_tokens, self.media_shape)
+                batch = collate_packed(rows, pad, self.cfg.max_tokens, self.media_shape, self.media_dtype)
             else:
-                batch = collate(rows, pad, self.media_shape)
+                batch = collate(rows, pad, self.media_shape, self.media_dtype)
             self.batches += 1
             state = copy.deepcopy(resume) if resume is not None else self.snapshot()
             state["batches"] = self.batches

@@ -33,7 +33,8 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _pixel_values(rows_media: list[list[torch.Tensor]], media_shape: tuple[int, int, int]):
+def _pixel_values(rows_media: list[list[torch.Tensor]], media_shape: tuple[int, int, int],
+                  media_dtype: torch.dtype = torch.float32):
     """Stack per-row media lists into (B, M, F, C, H, W), plus frame_mask when frame counts differ."""
     shapes = {tuple(m.shape[1:]) for row in rows_media for m in row}
     if len(shapes) > 1:
@@ -42,7 +43,7 @@ def _pixel_values(rows_media: list[list[torch.Tensor]], media_shape: tuple[int, 
     chw = shapes.pop() if shapes else tuple(media_shape)
     frames = {m.shape[0] for row in rows_media for m in row}
     B, M, F = len(rows_media), max([1] + [len(r) for r in rows_media]), max([1] + list(frames))
-    dtype = next((m.dtype for row in rows_media for m in row), torch.float32)
+    dtype = next((m.dtype for row in rows_media for m in row), media_dtype)  # text-only batches: media_dtype
     pixels = torch.zeros(B, M, F, *chw, dtype=dtype)
     mask = torch.zeros(B, M, F, dtype=torch.bool)
     for b, row in enumerate(rows_media):
@@ -55,7 +56,7 @@ def _pixel_values(rows_media: list[list[torch.Tensor]], media_shape: tuple[int, 
     return out
 
 
-def collate(samples: list[Encoded], pad_id: int, media_shape=(3, 224, 224)) -> dict:
+def collate(samples: list[Encoded], pad_id: int, media_shape=(3, 224, 224), media_dtype=torch.float32) -> dict:
     """One sample per row, right-padded to the longest row."""
     T = max(len(s) for s in samples)
     B = len(samples)
@@ -70,11 +71,12 @@ def collate(samples: list[Encoded], pad_id: int, media_shape=(3, 224, 224)) -> d
         attention_mask[b, :n] = 1
         task_ids[b, :] = s.task
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
-    batch.update(_pixel_values([s.media for s in samples], media_shape))
+    batch.update(_pixel_values([s.media for s in samples], media_shape, media_dtype))
     return batch
 
 
-def collate_packed(rows: list[list[Encoded]], pad_id: int, row_length: int, media_shape=(3, 224, 224)) -> dict:
+def collate_packed(rows: list[list[Encoded]], pad_id: int, row_length: int, media_shape=(3, 224, 224),
+                   media_dtype=torch.float32) -> dict:
     """Several samples per fixed-length row; samples keep their order, their media follow them."""
     B, T = len(rows), row_length
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -103,7 +105,7 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int, row_length: int, medi
             task_ids[b, start:] = row[-1].task
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids,
              "segment_ids": segment_ids, "position_ids": position_ids}
-    batch.update(_pixel_values([[m for s in row for m in s.media] for row in rows], media_shape))
+    batch.update(_pixel_values([[m for s in row for m in s.media] for row in rows], media_shape, media_dtype))
     return batch
 
 

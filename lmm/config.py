@@ -131,6 +131,8 @@ class BridgeConfig:
     # flamingo: > 0 adds an image-text contrastive head of this width (train it with contrastive_weight > 0;
     # LMM.similarity scores images against texts with it)
     contrastive_dim: int = 0
+    # its text side: hidden states entering this decoder layer in a text-only pass (default: the middle layer)
+    contrastive_text_layer: Optional[int] = None
 
 
 @dataclass

@@ -22,9 +22,6 @@ class MediaContext:
 
     media: torch.Tensor  # (B, M, L, Dv) resampled visual tokens
     visible: torch.Tensor  # bool (B, T, M): which media each of the current T tokens may attend to
-    # record_text: the lowest fused layer stores its input here (text-only states, for the contrastive head)
-    record_text: bool = False
-    text_hidden: torch.Tensor | None = None  # (B, T, D)
 
 
 class FusedLayer(nn.Module):
@@ -39,8 +36,6 @@ class FusedLayer(nn.Module):
         ctx: MediaContext | None = kwargs.get(MEDIA_KWARG)
         if ctx is not None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            if ctx.record_text and ctx.text_hidden is None:  # the first fused layer to run is the lowest
-                ctx.text_hidden = hidden
             p = next(self.block.parameters())
             out = self.block(hidden.to(p.dtype) if not torch.is_autocast_enabled() else hidden,
                              ctx.media, ctx.visible).to(hidden.dtype)
@@ -155,8 +150,12 @@ def head_logit_transform(config) -> tuple[float, float | None]:
     scale = 1.0
     if "cohere" in getattr(config, "model_type", "") and getattr(config, "logit_scale", None) is not None:
         scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None):  # Granite family
-        scale /= float(config.logits_scaling)
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "logits_scaling", None):
+        if "granite" in model_type:  # Granite, GraniteMoE ...: logits / logits_scaling
+            scale /= float(config.logits_scaling)
+        elif "hyperclovax" in model_type:  # HyperCLOVA X: logits * logits_scaling
+            scale *= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2 / Gemma-3
     return scale, (float(softcap) if softcap else None)
 

@@ -290,11 +290,12 @@ class LMM(nn.Module):
                 vision_features: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 media_offset: torch.Tensor | None = None, logits_to_keep: int = 0,
                 return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
-                prefix_layer: int | None = None) -> LMMOutput:
+                prefix_layer: int | None = None, contrastive: bool = False) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
         `media_offset` (B,) counts the images already consumed by earlier (cached) tokens.
         `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from `prefix_hidden_states`,
-        right padding only); the layers below are skipped (frozen-prefix caching for training)."""
+        right padding only); the layers below are skipped (frozen-prefix caching for training).
+        `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media)."""
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -310,9 +311,11 @@ class LMM(nn.Module):
             raise ValueError(f"a row has {int(n_img.max())} {IMAGE_TOKEN} tokens but only {media.shape[1]} images")
         if segment_ids is not None:
             segment_ids = segment_ids.to(self.device)
+        if contrastive and (self.contrastive is None or labels is None or prefix_hidden is not None):
+            raise ValueError("contrastive=True needs a model with a contrastive head (bridge.contrastive_dim > 0), "
+                             "labels, and the full forward (not prefix_hidden)")
         embeds = self.embed(input_ids)
         ctx = None
-        contrastive = self.contrastive is not None and labels is not None and media is not None
         if media is not None and self.config.bridge.kind != "flamingo" and bool(n_img.any()):
             embeds, attention_mask, labels, segment_ids = self._splice(embeds, is_img, media, attention_mask,
                                                                       labels, segment_ids)
@@ -328,7 +331,7 @@ class LMM(nn.Module):
                 media_seg[bi, text_idx[bi, ti] - 1] = segment_ids[bi, ti]
             visible = media_mask(text_idx, media.shape[1], self.config.bridge.cross_attn.only_previous_image,
                                  segment_ids, media_seg)
-            ctx = MediaContext(media=media, visible=visible, record_text=contrastive)
+            ctx = MediaContext(media=media, visible=visible)
         Tn = embeds.shape[1]
         if position_ids is None:
             if segment_ids is not None:
@@ -348,8 +351,6 @@ class LMM(nn.Module):
                 layer_kwargs[MEDIA_KWARG] = ctx
             h = replay.run(prefix_hidden.to(self.device), prefix_layer, layer_kwargs)
             out = None
-            if ctx is not None:
-                ctx.text_hidden = prefix_hidden.to(self.device)  # the input of the lowest bridge layer
         else:
             out = self.lm.base_model(**kwargs)
             h = out.last_hidden_state
@@ -367,14 +368,15 @@ class LMM(nn.Module):
         if return_logits:
             logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
         contrastive_loss = None
-        if contrastive and ctx is not None and ctx.text_hidden is not None:
-            contrastive_loss = self._contrastive_loss(media, n_img, ctx.text_hidden, labels)
+        if contrastive:
+            contrastive_loss = (self._contrastive_loss(media, n_img, input_ids, attention_mask, labels)
+                                if media is not None else torch.zeros((), device=self.device))
         return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache and out else None,
                          attention_mask=attention_mask, labels=labels, token_losses=token_losses,
                          contrastive_loss=contrastive_loss)
 
-    def _contrastive_loss(self, media: torch.Tensor, n_img: torch.Tensor, text_hidden: torch.Tensor,
-                          labels: torch.Tensor) -> torch.Tensor:
+    def _contrastive_loss(self, media: torch.Tensor, n_img: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """InfoNCE between each row's media and its labelled text; the batch's other rows are the negatives.
         Rows without media or without labelled tokens take no part; fewer than two rows give 0."""
         valid = torch.arange(media.shape[1], device=media.device) < n_img.to(media.device)[:, None]  # (B, M)
@@ -382,9 +384,31 @@ class LMM(nn.Module):
         rows = valid.any(1) & positions.any(1)
         if int(rows.sum()) < 2:
             return torch.zeros((), device=media.device)
+        text = self.contrastive_text_states(input_ids[rows], attention_mask[rows])
         img = self.contrastive.embed_media(media[rows], valid[rows])
-        txt = self.contrastive.embed_text(text_hidden[rows], positions[rows])
+        txt = self.contrastive.embed_text(text, positions[rows].to(text.device))
         return info_nce(img, txt, self.contrastive.scale())
+
+    def contrastive_text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                                ) -> torch.Tensor:
+        """The contrastive head's text side: (B, T, D) hidden states entering decoder layer
+        `bridge.contrastive_text_layer` (default: the middle one) in a text-only pass, so they never depend on
+        the images. Frozen LM weights need no gradient here (only with LoRA does one flow)."""
+        n_layers = len(find_layer_list(self.lm))
+        layer = self.config.bridge.contrastive_text_layer
+        layer = n_layers // 2 if layer is None else layer
+        if not 0 <= layer < n_layers:
+            raise ConfigError(f"bridge.contrastive_text_layer={layer} is not a decoder layer (0..{n_layers - 1})")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.lora.r > 0):
+            h, _ = self._decoder_replay().capture(layer, inputs_embeds=self.embed(input_ids),
+                                                  attention_mask=attention_mask, position_ids=position_ids,
+                                                  use_cache=False)
+        return h
 
     def _decoder_replay(self) -> DecoderReplay:
         if getattr(self, "_replay", None) is None:

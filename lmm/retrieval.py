@@ -2,8 +2,7 @@
 scoring, BLIP-2 ITC style, with the very features the contrastive loss trains.
 
 A text is embedded as the caption of a pair sample (`<image>text<|endofchunk|>`, the labelled tokens of
-`encode_document`), read from the LM's hidden states entering its lowest cross-attention layer: the text
-alone decides them, so no image is needed on the text side.
+`encode_document`), read from `LMM.contrastive_text_states` (a text-only pass), as in training.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ def _head(model):
 
 
 @torch.no_grad()
-def embed_images(model, images: Sequence, batch_size: int = 64) -> torch.Tensor:
+def image_embeddings(model, images: Sequence, batch_size: int = 64) -> torch.Tensor:
     """(N, dim) unit vectors, one per image (PIL images or paths)."""
     head, out = _head(model), []
     images = list(images)
@@ -37,7 +36,7 @@ def embed_images(model, images: Sequence, batch_size: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def text_embeddings(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """(N, dim) unit vectors, one per text, pooled over the tokens the contrastive loss pools in training."""
     head, out = _head(model), []
     pad = model.tokenizer.pad_token_id
@@ -51,11 +50,11 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tens
             n = len(e.input_ids)
             ids[b, :n], mask[b, :n] = torch.tensor(e.input_ids), 1
             pos[b, :n] = torch.tensor([lab != -100 for lab in e.labels])
-        hidden = model.prefix_hidden_states(ids, mask)
+        hidden = model.contrastive_text_states(ids, mask)
         out.append(head.embed_text(hidden, pos.to(hidden.device)))
     return torch.cat(out)
 
 
 def similarity(model, images: Sequence, texts: Sequence[str]) -> torch.Tensor:
     """(N_images, N_texts) cosine similarities; argmax over texts = zero-shot choice, over images = retrieval."""
-    return embed_images(model, images) @ embed_texts(model, texts).t()
+    return image_embeddings(model, images) @ text_embeddings(model, texts).t()

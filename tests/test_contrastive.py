@@ -41,13 +41,18 @@ def pair_batch(model, images, captions):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}
 
 
-def test_loss_is_info_nce_of_pooled_media_and_image_free_text_states():
-    model = tiny_lmm(gates=1.0, seed=2, contrastive_dim=16)  # open gates: layers above the lowest see the image
+def test_loss_is_info_nce_of_pooled_media_and_the_lms_own_text_only_states():
+    model = tiny_lmm(gates=1.0, seed=2, contrastive_dim=16)  # 4 layers, cross-attention before 0 and 2
     images, captions = pictures()[:4], [f"a {c} disc" for c in list(COLOURS)[:4]]
     batch = pair_batch(model, images, captions)
-    out = model(**batch)
+    out = model(**batch, contrastive=True)
     with torch.no_grad():
-        text = model.prefix_hidden_states(batch["input_ids"], batch["attention_mask"])  # below the first xattn
+        # reference text side: the decoder's own hidden_states[2] (entering its middle layer) without any media
+        text = model.lm.base_model(inputs_embeds=model.embed(batch["input_ids"]),
+                                   attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[2]
+        real = batch["attention_mask"].bool()  # (right padding: the pads' position ids differ, and never count)
+        got = model.contrastive_text_states(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(got[real], text[real])
         media = model.encode_media(batch["pixel_values"])  # (B, 1, L, D)
         head = model.contrastive
         pooled_txt = torch.stack([text[b][batch["labels"][b] != -100].mean(0) for b in range(4)])
@@ -56,11 +61,16 @@ def test_loss_is_info_nce_of_pooled_media_and_image_free_text_states():
         logits = math.exp(head.log_scale.item()) * img @ txt.t()
         want = -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2
     torch.testing.assert_close(out.contrastive_loss, want, atol=1e-5, rtol=1e-5)
-    # the text side does not depend on the images: other pictures change the loss only through the media side
-    other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
-    txt_other = model.prefix_hidden_states(other["input_ids"], other["attention_mask"])
-    assert torch.equal(txt_other, text)
-    assert not torch.allclose(model(**other).contrastive_loss, out.contrastive_loss)
+    assert model(**batch).contrastive_loss is None  # only computed when asked
+
+
+def test_text_embeddings_read_word_order():
+    """A middle layer's states are contextual: not a bag of word embeddings."""
+    from lmm.retrieval import text_embeddings
+
+    model = tiny_lmm(seed=2, contrastive_dim=16)
+    a, b = text_embeddings(model, ["a dog bites a man", "a man bites a dog"])
+    assert not torch.allclose(a, b, atol=1e-4)
 
 
 def test_training_on_it_learns_image_text_retrieval():
@@ -71,7 +81,7 @@ def test_training_on_it_learns_image_text_retrieval():
     batch = pair_batch(model, images, captions)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     for _ in range(150):
-        loss = model(**batch, return_logits=False).contrastive_loss
+        loss = model(**batch, return_logits=False, contrastive=True).contrastive_loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -89,7 +99,7 @@ def test_trainer_adds_the_weighted_loss_and_logs_it(tmp_path):
     model = tiny_lmm(seed=1, contrastive_dim=16)
     batch = pair_batch(model, pictures()[:4], [f"a {c} disc" for c in list(COLOURS)[:4]])
     with torch.no_grad():
-        out = model(**batch, return_logits=False)
+        out = model(**batch, return_logits=False, contrastive=True)
     cfg = tiny_train_config(tmp_path, contrastive_weight=0.5, schedule={"max_steps": 1})
     trainer = Trainer(model, cfg, ListSource([batch]))
     result = trainer.fit()
@@ -121,5 +131,9 @@ def test_configuration_errors_name_the_fix(tmp_path):
         cfg.validate()
     with pytest.raises(ConfigError, match="packing"):
         tiny_train_config(tmp_path, contrastive_weight=1.0, data={"packing": True}, preset="lmm-tiny").validate()
+    for bad, match in [({"frozen_cache": True}, "frozen_cache"), ({"distributed": "fsdp2"}, "fsdp2"),
+                       ({"data": {"batch_size": 1}}, "2 rows")]:
+        with pytest.raises(ConfigError, match=match):
+            tiny_train_config(tmp_path, contrastive_weight=1.0, preset="lmm-tiny", **bad).validate(world_size=1)
     with pytest.raises(ConfigError, match="bridge.contrastive_dim=256"):
         Trainer(tiny_lmm(), tiny_train_config(tmp_path, contrastive_weight=1.0), ListSource([]))

@@ -33,9 +33,9 @@ class VisionTower(nn.Module):
         dtype = next(self.parameters()).dtype
         with torch.no_grad():
             if pixel_values.dtype == torch.uint8:
-                if not isinstance(self.preprocess, ImageTransform):
-                    raise ValueError("uint8 pixel_values need a tower whose preprocess is an ImageTransform "
-                                     "(it knows the mean/std); pass normalised float pixels instead")
+                if not callable(getattr(self.preprocess, "normalize", None)):
+                    raise ValueError("uint8 pixel_values need a tower whose preprocess has resize_crop/normalize "
+                                     "(an ImageTransform: it knows the mean/std); pass normalised float pixels")
                 return self.encode(self.preprocess.normalize(pixel_values, dtype))
             return self.encode(pixel_values.to(dtype))
 

@@ -154,6 +154,11 @@ class TrainConfig(YamlConfig):
         if self.contrastive_weight > 0 and self.data.packing:
             raise ConfigError("contrastive_weight compares whole rows (image with caption); packed rows hold "
                               "several samples: set data.packing=false")
+        if self.contrastive_weight > 0 and self.frozen_cache:
+            raise ConfigError("contrastive_weight needs the full forward (a text-only pass of the LM); set "
+                              "frozen_cache: false")
+        if self.contrastive_weight > 0 and self.distributed == "fsdp2":
+            raise ConfigError("contrastive_weight is tested with distributed=none and ddp, not fsdp2; use ddp")
         if self.model is not None and self.model.language.load_in_4bit and not _cuda():
             raise ConfigError("model.language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; set "
                               "model.language.load_in_4bit=false to train in full precision on this machine")
@@ -165,6 +170,9 @@ class TrainConfig(YamlConfig):
         """Optimiser, schedule, checkpoint, logging and launch settings (what a Trainer needs)."""
         ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         self._validate_optim(ws)
+        if self.contrastive_weight > 0 and self.data.batch_size < 2:
+            raise ConfigError(f"contrastive_weight needs at least 2 rows per micro-batch (the other rows are the "
+                              f"negatives), got data.batch_size={self.data.batch_size}; raise it or lower grad_accum")
         s = self.schedule
         if s.max_steps < 1:
             raise ConfigError(f"schedule.max_steps must be >= 1, got {s.max_steps}")
