@@ -88,10 +88,7 @@ class SampleEncoder:
                 raise BadSample("corrupt_image", f"image transform failed: {type(e).__name__}: {e}", sample.key) from None
         return Encoded(tok.input_ids, tok.labels, media, task, sample.key)
 
-    def media_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) the transform produces: the shape of empty media slots."""
-        return tuple(self._to_pixels(Image.new("RGB", (64, 64))).shape)
-
-    def media_dtype(self) -> torch.dtype:
-        """uint8 on the fast path, else the transform's dtype: empty media slots use it too."""
-        return self._to_pixels(Image.new("RGB", (64, 64))).dtype
+    def blank_media(self) -> torch.Tensor:
+        """What the transform makes of a blank image: empty media slots take its shape and dtype (uint8 on the
+        fast path)."""
+        return self._to_pixels(Image.new("RGB", (64, 64)))

@@ -46,7 +46,8 @@ class ReaderPipeline:
         self.stages = cfg.resolved_stages()
         self.schedule = Schedule([s.steps for s in self.stages])
         self.task_names = cfg.task_names()
-        self.media_shape, self.media_dtype = encoder.media_shape(), encoder.media_dtype()
+        blank = encoder.blank_media()
+        self.media_shape, self.media_dtype = tuple(blank.shape), blank.dtype
         self.counter = BadSampleCounter(log=cfg.log_bad_samples)
         self.batches, self.draws, self.stage = 0, 0, None
         self.saved: dict = {}  # dataset name -> stream state (streams not open right now)

@@ -3,7 +3,7 @@
 Batch contract (what `LMM.forward` consumes):
   input_ids, attention_mask, labels, task_ids: (B, T) long; right padding, labels -100 on padding
   pixel_values: (B, M, F, C, H, W) float, or uint8 (not yet normalised) from an image processor with
-      `resize_crop` (the vision tower normalises it); the k-th `<image>` of row b is pixel_values[b, k]
+      `resize_crop` and `normalize` (the vision tower normalises it); the k-th `<image>` of row b is pixel_values[b, k]
       (counted across all packed segments of the row); unused slots are zeros; M >= 1
   frame_mask: (B, M, F) bool, only when media in the batch have different frame counts
   segment_ids, position_ids: (B, T) long, packed rows only; position ids restart at 0 per segment;

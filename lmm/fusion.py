@@ -148,9 +148,9 @@ class ExtendedHead(nn.Module):
 def head_logit_transform(config) -> tuple[float, float | None]:
     """(scale, softcap) that an HF CausalLM family applies to lm_head's output, read from its config."""
     scale = 1.0
-    if "cohere" in getattr(config, "model_type", "") and getattr(config, "logit_scale", None) is not None:
-        scale *= float(config.logit_scale)
     model_type = getattr(config, "model_type", "")
+    if "cohere" in model_type and getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
     if getattr(config, "logits_scaling", None):
         if "granite" in model_type:  # Granite, GraniteMoE ...: logits / logits_scaling
             scale /= float(config.logits_scaling)

@@ -135,9 +135,8 @@ class LMM(nn.Module):
         self.contrastive = None
         if b.contrastive_dim > 0:
             if b.kind != "flamingo":
-                raise ConfigError("bridge.contrastive_dim needs the flamingo bridge (its text side is the LM's "
-                                  "hidden states below the lowest cross-attention layer, which never see the "
-                                  "image); set bridge.contrastive_dim=0")
+                raise ConfigError("bridge.contrastive_dim is built and tested for the flamingo bridge (its media "
+                                  "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo")
             self.contrastive = ContrastiveHead(dv, lm_hidden, b.contrastive_dim).to(emb.weight.device)
         self._freeze()
         self.resampler.to(emb.weight.device)
@@ -520,12 +519,16 @@ class LMM(nn.Module):
 
         return similarity(self, images, texts)
 
+    def pixel_values(self, images) -> torch.Tensor:
+        """(N, C, H, W) normalised pixels on the CPU for PIL images or image paths (one image per item)."""
+        from lmm.generation import load_images
+
+        return torch.stack([self.image_processor(im) for im in load_images(images)])
+
     @torch.no_grad()
     def embed_images(self, images) -> torch.Tensor:
         """Pooled, L2-normalised frozen vision features (N, Dv), e.g. for RICES retrieval."""
-        from lmm.generation import load_images
-
-        pix = torch.stack([self.image_processor(im) for im in load_images(images)])
+        pix = self.pixel_values(images)
         feats = self.vision(pix.to(self.device)).float().mean(1)
         return F.normalize(feats, dim=-1).cpu()
 

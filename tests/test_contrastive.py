@@ -27,18 +27,13 @@ def pictures():
 def pair_batch(model, images, captions):
     """Pair rows "<image>caption<|endofchunk|>" with labels on the caption, as the data pipeline makes them."""
     from lmm.data.formats import MediaRef
+    from lmm.data.packing import Encoded, collate
     from lmm.data.text import encode_document
 
     enc = [encode_document([MediaRef(None), c], model.tokenizer) for c in captions]
-    T = max(len(e.input_ids) for e in enc)
-    ids = torch.full((len(enc), T), model.tokenizer.pad_token_id)
-    labels = torch.full((len(enc), T), -100)
-    mask = torch.zeros((len(enc), T), dtype=torch.long)
-    for b, e in enumerate(enc):
-        ids[b, :len(e.input_ids)], labels[b, :len(e.labels)], mask[b, :len(e.input_ids)] = (
-            torch.tensor(e.input_ids), torch.tensor(e.labels), 1)
-    pix = torch.stack([model.image_processor(im) for im in images])[:, None, None]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}
+    batch = collate([Encoded(e.input_ids, e.labels) for e in enc], model.tokenizer.pad_token_id)
+    batch.pop("pixel_values"), batch.pop("task_ids")
+    return {**batch, "pixel_values": model.pixel_values(images)[:, None, None]}
 
 
 def test_loss_is_info_nce_of_pooled_media_and_the_lms_own_text_only_states():

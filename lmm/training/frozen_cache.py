@@ -66,11 +66,9 @@ class CachedConversationBatches:
         self.epoch, self.position = 0, 0
 
     def _encode_images(self, paths: list[str], batch: int, progress) -> torch.Tensor:
-        from lmm.generation import load_images
-
         feats = []
         for i in range(0, len(paths), batch):
-            pix = torch.stack([self.model.image_processor(im) for im in load_images(paths[i:i + batch])])
+            pix = self.model.pixel_values(paths[i:i + batch])
             feats.append(self.model.vision(pix.to(self.model.device)).cpu())
             if progress is not None:
                 progress(min(i + batch, len(paths)), len(paths))

@@ -83,7 +83,6 @@ class Trainer:
         if cfg.contrastive_weight > 0 and getattr(unwrap(model), "contrastive", None) is None:
             raise ConfigError("contrastive_weight > 0 needs a model with a contrastive head: add the model override "
                               "bridge.contrastive_dim=256 (or set it in the model config)")
-        self._contrastive_kw = {"contrastive": True} if cfg.contrastive_weight > 0 else {}
         if unwrap(model).device != self.env.device:
             model.to(self.env.device)
         self.lmm = model
@@ -202,7 +201,7 @@ class Trainer:
         share = 1.0 / (len(prepared) * self.env.world_size)  # of a per-micro-batch mean (the contrastive loss)
         for i, (batch, keep, tasks) in enumerate(prepared):
             with self._sync_context(i == len(prepared) - 1), self._autocast():
-                out = self.model(**batch, return_logits=False, **self._contrastive_kw)
+                out = self.model(**batch, return_logits=False, contrastive=self.cfg.contrastive_weight > 0)
                 loss, per_task = step_loss(out.token_losses, out.labels, keep, tasks, coef, n_tasks)
                 if self.cfg.contrastive_weight > 0:
                     contrastive = out.contrastive_loss.double() * share
