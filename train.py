@@ -13,4 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lmm.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
+    from lmm.runtime import enable_tf32
+
+    enable_tf32()
     main()

@@ -49,7 +49,9 @@ def get_shape(name: str, dtype: str = "auto") -> Shape:
 
 def build(shape: Shape, device: str):
     from lmm.model import LMM
+    from lmm.runtime import enable_tf32
 
+    enable_tf32()
     torch.manual_seed(0)
     return LMM.from_config(shape.lmm, tokenizer=tiny_tokenizer(), device=device)
 

@@ -22,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import build, get_shape, matmul_rate, peak_memory_gib, random_batch, sync  # noqa: E402
 
+from lmm.testing import saved_activation_bytes  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def main() -> None:
     model = build(shape, args.device)
     model.train()
     if args.grad_checkpointing:
-        model.lm.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable()
     params = model.trainable_parameters()
     if args.eight_bit:
         import bitsandbytes as bnb
@@ -54,6 +56,12 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def loss_only():
+        with autocast:
+            return model(**batch, return_logits=False).loss
+
+    saved = saved_activation_bytes(model, loss_only)  # activations autograd keeps for backward (one step's worth)
+    opt.zero_grad(set_to_none=True)
     for _ in range(2):
         step()
     with FlopCounterMode(display=False) as fc:
@@ -75,7 +83,9 @@ def main() -> None:
            "step_s": dt, "samples_per_s": shape.batch / dt, "tokens_per_s": shape.batch * shape.tokens / dt,
            "images_per_s": shape.batch * shape.images / dt, "tflop_per_step": flops / 1e12,
            "matmul_tflops": rate / 1e12, "mfu": flops / dt / rate, "peak_mem_gib": peak_memory_gib(args.device),
-           "trainable_params_m": sum(p.numel() for p in params) / 1e6, "torch": torch.__version__}
+           "trainable_params_m": sum(p.numel() for p in params) / 1e6,
+           "saved_activation_mib": saved / 2 ** 20, "grad_checkpointing": args.grad_checkpointing,
+           "eight_bit": args.eight_bit, "torch": torch.__version__}
     for k, v in out.items():
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
     print(json.dumps(out))

@@ -23,6 +23,20 @@ class ConfigError(ValueError):
     """A user-fixable problem in a configuration (unknown key, wrong type, bad value)."""
 
 
+def require_bitsandbytes(what: str, fix: str) -> None:
+    """Raise a ConfigError for `what` (e.g. "optim.eight_bit") unless bitsandbytes imports and CUDA is there;
+    checked when a config is validated, before any model loads."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{what} needs the bitsandbytes package: pip install 'lmm[quant]' (or pip install "
+                          f"bitsandbytes), or {fix}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} needs a CUDA GPU (bitsandbytes' 4-bit and 8-bit kernels); {fix} on this machine")
+
+
 class YamlConfig:
     """from_yaml / from_dict / to_dict / to_yaml for a config dataclass."""
 

@@ -77,6 +77,30 @@ def fuse_layers(lm: nn.Module, blocks: dict[int, nn.Module]) -> nn.ModuleDict:
     return nn.ModuleDict({str(i): b for i, b in blocks.items()})
 
 
+def checkpoint_modules(modules) -> int:
+    """Activation checkpointing for each module in `modules`: recompute it in backward (non-reentrant
+    `torch.utils.checkpoint`) instead of keeping its activations. Wraps each module's forward on the instance
+    (names and weights unchanged), so it works for frozen decoder layers kept in eval mode, where transformers'
+    own `gradient_checkpointing_enable` does nothing. Returns how many modules were newly wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for module in modules:
+        if getattr(module, "_lmm_checkpointed", False):
+            continue
+        inner = module.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        module.forward = forward
+        module._lmm_checkpointed = True
+        count += 1
+    return count
+
+
 def cross_attn_layer_indices(num_layers: int, every: int, first_layer: int = 0,
                              layers: list[int] | None = None) -> list[int]:
     """Indices of the decoder layers that get a gated cross-attention block in front of them."""
@@ -96,7 +120,8 @@ class ExtendedEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, new_ids: list[int]):
         super().__init__()
         self.base = base
-        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
         w = base.weight.detach()
         init = w.float().mean(0, keepdim=True).repeat(len(new_ids), 1)  # mean embedding: a neutral start
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.float().std() * 0.02)
@@ -106,10 +131,8 @@ class ExtendedEmbedding(nn.Module):
         any_new = is_new.any(-1)
         base_ids = torch.where(any_new, torch.zeros_like(ids), ids).clamp(max=self.base.num_embeddings - 1)
         out = self.base(base_ids)
-        if any_new.any():
-            extra = (is_new.to(self.extra.dtype) @ self.extra).to(out.dtype)
-            out = torch.where(any_new.unsqueeze(-1), extra, out)
-        return out
+        extra = (is_new.to(self.extra.dtype) @ self.extra).to(out.dtype)  # branch-free: no host sync
+        return torch.where(any_new.unsqueeze(-1), extra, out)
 
 
 class ExtendedHead(nn.Module):
@@ -126,7 +149,8 @@ class ExtendedHead(nn.Module):
         self.base = base
         self.vocab_out = vocab_out
         self.scale, self.softcap = scale, softcap
-        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
         w = base.weight.detach().float()
         init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.std() * 0.02)

@@ -120,12 +120,22 @@ def _autocast(model):
     return torch.autocast("cpu", enabled=False)
 
 
+# Decode steps between checks of "has every row stopped?": the check reads a device value (a host sync), and
+# without one per step the host queues the next step while the GPU still runs this one.
+STOP_CHECK_EVERY = 8
+
+
 @torch.no_grad()
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None, frame_mask=None,
-                 cfg: GenerationConfig | None = None) -> Iterator[torch.Tensor]:
-    """Greedy or sampled decoding; yields the next token of every row (B,) per step (pad once a row stopped)."""
+                 cfg: GenerationConfig | None = None, check_every: int = STOP_CHECK_EVERY) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding; yields the next token of every row (B,) per step, on the device (pad once a
+    row stopped). The loop itself never waits for the device except every `check_every` steps; a consumer
+    that reads each token (streaming) syncs by reading it."""
     cfg = cfg or GenerationConfig()
     dev = model.device
+    # Without padding the LM needs no mask, and HF's mask builder then has no device value to inspect: each step
+    # passes positions instead (checked here once, on the host copy the tokenizer made).
+    unpadded = bool(attention_mask.all())
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     B = input_ids.shape[0]
     stop = _stop_ids(model, cfg)
@@ -134,22 +144,28 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     media_count = (input_ids == model.image_token_id).sum(1)
     with _autocast(model):
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
-        out = model(input_ids, attention_mask, media=media, use_cache=cfg.use_cache, logits_to_keep=1)
+        out = model(input_ids, None if unpadded else attention_mask, media=media, use_cache=cfg.use_cache,
+                    logits_to_keep=1)
         mask, raw_mask, seq = out.attention_mask, attention_mask, input_ids
+        unpadded = unpadded and mask.shape == attention_mask.shape  # spliced prompts may pad: keep their mask
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        for _ in range(cfg.max_new_tokens):
+        for step in range(cfg.max_new_tokens):
             logits = out.logits[:, -1].float()
             logits[:, model.image_token_id] = float("-inf")  # images are inputs, never generated
             nxt = torch.where(finished, torch.full_like(media_count, pad), _select(logits, cfg, gen))
             yield nxt
             finished |= torch.isin(nxt, stop)
-            if bool(finished.all()):
+            if (step + 1) % check_every == 0 and bool(finished.all()):
+                return
+            if step + 1 == cfg.max_new_tokens:
                 return
             ones = mask.new_ones(B, 1)
             mask, raw_mask, seq = torch.cat([mask, ones], 1), torch.cat([raw_mask, ones], 1), torch.cat([seq, nxt[:, None]], 1)
-            if cfg.use_cache:
-                out = model(nxt[:, None], mask, media=media, past_key_values=out.past_key_values, use_cache=True,
-                            media_offset=media_count, logits_to_keep=1)
+            if cfg.use_cache:  # the prefill checked the `<image>` counts: steps skip that host sync
+                pos = torch.full((B, 1), mask.shape[1] - 1, device=dev) if unpadded else None
+                out = model(nxt[:, None], None if unpadded else mask, media=media, position_ids=pos,
+                            past_key_values=out.past_key_values, use_cache=True, media_offset=media_count,
+                            logits_to_keep=1, validate=False)
             else:  # recompute everything (reference path for tests)
                 out = model(seq, raw_mask, media=media, logits_to_keep=1)
 
@@ -209,7 +225,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
             out.past_key_values.reorder_cache(src)
             mask = torch.cat([mask[src], mask.new_ones(B * nb, 1)], 1)
             out = model(tokens[:, None], mask, media=media, past_key_values=out.past_key_values, use_cache=True,
-                        media_offset=media_count, logits_to_keep=1)
+                        media_offset=media_count, logits_to_keep=1, validate=False)
         results = []
         for b in range(B):
             finals = list(done[b])
@@ -232,9 +248,10 @@ def generate_ids(model, batch: dict, cfg: GenerationConfig) -> list[list[int]]:
     B = batch["input_ids"].shape[0]
     rows: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    for nxt in decode_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                            batch.get("frame_mask"), cfg):
-        for b, t in enumerate(nxt.tolist()):
+    steps = list(decode_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                              batch.get("frame_mask"), cfg))  # read back once, after the loop
+    for nxt in (torch.stack(steps, 0).cpu().tolist() if steps else []):
+        for b, t in enumerate(nxt):
             if not finished[b]:
                 if t in stop:
                     finished[b] = True

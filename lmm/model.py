@@ -27,7 +27,8 @@ from lmm.adapters import (ContrastiveHead, GatedCrossAttentionBlock, PerceiverRe
 from lmm.backbones.language import load_language_model, load_tokenizer
 from lmm.backbones.vision import build_vision_tower
 from lmm.config import ConfigError, LMMConfig, from_dict
-from lmm.fusion import (MEDIA_KWARG, DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, MediaContext,
+from lmm.losses import next_token_losses
+from lmm.fusion import (MEDIA_KWARG, checkpoint_modules, DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, MediaContext,
                         cross_attn_layer_indices, find_layer_list, fuse_layers, head_logit_transform)
 from lmm.tokens import IMAGE_TOKEN, add_media_tokens
 
@@ -85,15 +86,6 @@ def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - seg_start
 
 
-def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token cross-entropy (B, T-1) in fp32, 0 where labels are -100."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction="none")
-    return loss.view(target.shape)
-
-
 class LMM(nn.Module):
     """Frozen vision tower + frozen LM + trainable bridge (and optional LoRA)."""
 
@@ -110,9 +102,17 @@ class LMM(nn.Module):
         emb = lm.get_input_embeddings()
         lm_hidden = lm.config.hidden_size
         vocab_out = max(emb.num_embeddings, max(new_ids) + 1)
+        # Every new (trainable, fp32) tensor is created on the LM's device: nothing to move afterwards, so no
+        # buffer or parameter can be left behind on another device (building on "meta" allocates nothing).
+        with torch.device(emb.weight.device):
+            self._build_bridge(config, vision.dim, emb, lm, lm_hidden, new_ids, vocab_out)
+        self._freeze()
+
+    def _build_bridge(self, config: LMMConfig, dv: int, emb: nn.Module, lm: nn.Module, lm_hidden: int,
+                      new_ids: list[int], vocab_out: int) -> None:
         self.embed = ExtendedEmbedding(emb, new_ids)
         self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out, *head_logit_transform(lm.config))
-        b, dv = config.bridge, vision.dim
+        b = config.bridge
         if b.kind == "flamingo":
             p = b.perceiver
             self.resampler = (PerceiverResampler(dv, p.num_latents, p.depth, p.heads, p.head_dim, p.ff_mult,
@@ -137,13 +137,7 @@ class LMM(nn.Module):
             if b.kind != "flamingo":
                 raise ConfigError("bridge.contrastive_dim is built and tested for the flamingo bridge (its media "
                                   "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo")
-            self.contrastive = ContrastiveHead(dv, lm_hidden, b.contrastive_dim).to(emb.weight.device)
-        self._freeze()
-        self.resampler.to(emb.weight.device)
-        for blk in self.xattn_blocks():
-            blk.to(emb.weight.device)
-        self.embed.extra.data = self.embed.extra.data.to(emb.weight.device)
-        self.head.extra.data = self.head.extra.data.to(emb.weight.device)
+            self.contrastive = ContrastiveHead(dv, lm_hidden, b.contrastive_dim)
 
     # ------------------------------------------------------------------ construction
 
@@ -228,6 +222,13 @@ class LMM(nn.Module):
         self.vision.eval()
         self.lm.eval()
 
+    def gradient_checkpointing_enable(self) -> int:
+        """Recompute every decoder layer (with its cross-attention block) and every resampler layer in backward
+        instead of storing their activations; the same for the trainer, the benchmarks and the API. Returns
+        the number of decoder layers wrapped."""
+        checkpoint_modules(getattr(self.resampler, "layers", []))
+        return checkpoint_modules(find_layer_list(self.lm))
+
     def xattn_blocks(self) -> list[nn.Module]:
         return [m.block for m in find_layer_list(self.lm) if isinstance(m, FusedLayer)]
 
@@ -247,10 +248,13 @@ class LMM(nn.Module):
         return missing
 
     def train(self, mode: bool = True):
+        """Training mode for the trainable parts only: frozen towers never switch to training behaviour
+        (dropout), while LoRA's own dropout (peft's `lora_dropout` modules) does."""
         super().train(mode)
-        self.vision.eval()  # frozen towers never switch to training behaviour (dropout)
-        for m in self.lm.modules():
-            if not any(p.requires_grad for p in m.parameters(recurse=False)):
+        self.vision.eval()
+        for name, m in self.lm.named_modules():
+            trainable = any(p.requires_grad for p in m.parameters(recurse=False)) or ".lora_dropout." in name
+            if not trainable:
                 m.training = False
         return self
 
@@ -280,7 +284,9 @@ class LMM(nn.Module):
         if vision_features is None:
             vision_features = self.vision_features(pixel_values)
         p = next(self.resampler.parameters())
-        return self.resampler(vision_features.to(p.dtype), frame_mask)
+        if frame_mask is not None:
+            frame_mask = frame_mask.to(p.device)
+        return self.resampler(vision_features.to(device=p.device, dtype=p.dtype), frame_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -289,14 +295,18 @@ class LMM(nn.Module):
                 vision_features: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 media_offset: torch.Tensor | None = None, logits_to_keep: int = 0,
                 return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
-                prefix_layer: int | None = None, contrastive: bool = False) -> LMMOutput:
+                prefix_layer: int | None = None, contrastive: bool = False, validate: bool = True) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
+        None means no padding (then pass `position_ids` when decoding with a cache);
         `media_offset` (B,) counts the images already consumed by earlier (cached) tokens.
         `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from `prefix_hidden_states`,
         right padding only); the layers below are skipped (frozen-prefix caching for training).
-        `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media)."""
+        `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media).
+        `validate=False` skips the `<image>`-count check, the forward's only host sync (decode steps after a
+        checked prefill); the flamingo forward then runs without waiting for the device."""
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
+        unpadded = attention_mask is None  # no padding anywhere: the LM builds a plain causal mask, without syncs
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
@@ -304,10 +314,8 @@ class LMM(nn.Module):
         n_img = is_img.sum(1)
         if media is None and (pixel_values is not None or vision_features is not None):
             media = self.encode_media(pixel_values, frame_mask, vision_features)
-        if media is None and bool(n_img.any()):
-            raise ValueError(f"the input has {IMAGE_TOKEN} tokens but no images were given")
-        if media is not None and bool((n_img > media.shape[1]).any()):
-            raise ValueError(f"a row has {int(n_img.max())} {IMAGE_TOKEN} tokens but only {media.shape[1]} images")
+        if validate and not torch.compiler.is_compiling():
+            self.check_media_count(n_img, media)
         if segment_ids is not None:
             segment_ids = segment_ids.to(self.device)
         if contrastive and (self.contrastive is None or labels is None or prefix_hidden is not None):
@@ -318,16 +326,19 @@ class LMM(nn.Module):
         if media is not None and self.config.bridge.kind != "flamingo" and bool(n_img.any()):
             embeds, attention_mask, labels, segment_ids = self._splice(embeds, is_img, media, attention_mask,
                                                                       labels, segment_ids)
-            position_ids = None
+            position_ids, unpadded = None, False
         elif media is not None and self.config.bridge.kind == "flamingo":
             text_idx = is_img.long().cumsum(1)
             if media_offset is not None:
                 text_idx = text_idx + media_offset.to(self.device).view(B, 1)
             media_seg = None
             if segment_ids is not None:
-                media_seg = torch.full((B, media.shape[1]), -1, dtype=torch.long, device=self.device)
-                bi, ti = is_img.nonzero(as_tuple=True)
-                media_seg[bi, text_idx[bi, ti] - 1] = segment_ids[bi, ti]
+                # segment of each media item: scattered from its `<image>` token; other tokens write -1 into a
+                # spare last slot (no nonzero(), so no host sync)
+                M = media.shape[1]
+                slot = torch.where(is_img, text_idx - 1, M).clamp(max=M)
+                media_seg = torch.full((B, M + 1), -1, dtype=torch.long, device=self.device)
+                media_seg = media_seg.scatter(1, slot, torch.where(is_img, segment_ids, -1))[:, :M]
             visible = media_mask(text_idx, media.shape[1], self.config.bridge.cross_attn.only_previous_image,
                                  segment_ids, media_seg)
             ctx = MediaContext(media=media, visible=visible)
@@ -337,7 +348,8 @@ class LMM(nn.Module):
                 position_ids = positions_from_segments(segment_ids)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -Tn:]
-        kwargs = dict(inputs_embeds=embeds, attention_mask=None if segment_ids is not None else attention_mask,
+        lm_mask = None if segment_ids is not None or unpadded else attention_mask
+        kwargs = dict(inputs_embeds=embeds, attention_mask=lm_mask,
                       position_ids=position_ids.to(self.device), past_key_values=past_key_values, use_cache=use_cache)
         if ctx is not None:
             kwargs[MEDIA_KWARG] = ctx
@@ -356,13 +368,7 @@ class LMM(nn.Module):
         loss = token_losses = None
         if labels is not None:
             labels = labels.to(self.device)
-            target = labels[:, 1:]
-            keep = target != -100
-            sel = self.head(h[:, :-1][keep])  # logits only where a loss is taken
-            per_token = F.cross_entropy(sel.float(), target[keep], reduction="none")
-            token_losses = torch.zeros(target.shape, dtype=per_token.dtype, device=per_token.device)
-            token_losses = token_losses.masked_scatter(keep, per_token)
-            loss = per_token.sum() / keep.sum().clamp(min=1)
+            loss, token_losses = next_token_losses(self.head, h, labels)
         logits = None
         if return_logits:
             logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -373,6 +379,14 @@ class LMM(nn.Module):
         return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache and out else None,
                          attention_mask=attention_mask, labels=labels, token_losses=token_losses,
                          contrastive_loss=contrastive_loss)
+
+    def check_media_count(self, n_img: torch.Tensor, media: torch.Tensor | None) -> None:
+        """Every `<image>` token needs a media item: n_img (B,) tokens per row against media (B, M, ...).
+        Reads a device value (a host sync), so decode steps after the checked prefill skip it."""
+        if media is None and bool(n_img.any()):
+            raise ValueError(f"the input has {IMAGE_TOKEN} tokens but no images were given")
+        if media is not None and bool((n_img > media.shape[1]).any()):
+            raise ValueError(f"a row has {int(n_img.max())} {IMAGE_TOKEN} tokens but only {media.shape[1]} images")
 
     def _contrastive_loss(self, media: torch.Tensor, n_img: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -550,6 +564,13 @@ def _inject_lora(lm: nn.Module, config: LMMConfig) -> nn.Module:
     lc = config.lora
     peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules))
     try:
-        return inject_adapter_in_model(peft_cfg, lm)
+        lm = inject_adapter_in_model(peft_cfg, lm)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules {lc.target_modules} do not match modules of this LM: {e}") from e
+    # peft creates the adapters in the frozen weights' dtype; trainable weights are fp32 masters whatever that
+    # is (a bf16 master loses updates smaller than 1/256 of the weight). peft casts each adapter's input to the
+    # adapter's dtype and the sum back to the layer's, and autocast runs the matmuls in bf16 on a GPU.
+    for name, p in lm.named_parameters():
+        if "lora_" in name and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return lm

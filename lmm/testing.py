@@ -229,3 +229,66 @@ def tiny_train_config(tmp_path, **kw):
     for k, v in kw.items():
         d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     return TrainConfig.from_dict(d)
+
+
+class HostSyncCounter:
+    """Counts the operations that make the host wait for a tensor's values (`.item()`, `bool(t)`, `int(t)`,
+    `.tolist()`, `nonzero`, boolean indexing, `masked_select`): on a GPU each is a device sync. Works on the CPU,
+    where the same operations run, so a CPU test proves a code path sync-free before it meets a GPU.
+
+        with HostSyncCounter() as syncs:
+            model(ids, mask, media=media, validate=False)
+        assert syncs.count == 0, syncs.ops
+    """
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave",
+                "equal", "is_nonzero")
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                if name in HostSyncCounter.SYNC_OPS:
+                    # repeat_interleave syncs only when the output size is unknown (a tensor of repeats)
+                    if name != "repeat_interleave" or (kwargs or {}).get("output_size") is None and any(
+                            isinstance(a, torch.Tensor) for a in args[1:2]):
+                        counter.ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.ops: list[str] = []
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
+
+
+def saved_activation_bytes(model, step) -> int:
+    """Bytes of the tensors autograd saves for backward during `step()` (a forward that returns a loss),
+    parameters excluded: what activation checkpointing is meant to cut. Runs the backward too."""
+    import torch
+
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return total

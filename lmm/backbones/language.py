@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lmm.config import ConfigError, LanguageConfig
+from lmm.config import ConfigError, LanguageConfig, require_bitsandbytes
 
 
 def load_language_model(cfg: LanguageConfig, dtype: torch.dtype, device: str | torch.device = "cpu"):
@@ -16,9 +16,7 @@ def load_language_model(cfg: LanguageConfig, dtype: torch.dtype, device: str | t
     attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
     kwargs: dict = {"dtype": dtype, "attn_implementation": attn}
     if cfg.load_in_4bit:
-        if not torch.cuda.is_available():
-            raise ConfigError("language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; "
-                              "set language.load_in_4bit=false to train in full precision on this machine")
+        require_bitsandbytes("language.load_in_4bit (QLoRA)", "set language.load_in_4bit=false")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -34,7 +32,8 @@ def load_language_model(cfg: LanguageConfig, dtype: torch.dtype, device: str | t
         d = dict(cfg.hf_config)
         if "model_type" not in d:
             raise ConfigError("language.hf_config needs a model_type (e.g. llama, qwen2, gpt2)")
-        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), **kwargs)
+        with torch.device(device):  # random weights made where they will live ("meta": nothing allocated)
+            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), **kwargs)
     else:
         raise ConfigError("language needs path (an HF folder) or hf_config (random weights)")
     if not cfg.load_in_4bit:

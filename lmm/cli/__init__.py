@@ -28,4 +28,7 @@ for _name in _COMMAND_MODULES:
 
 
 def main() -> None:
+    from lmm.runtime import enable_tf32
+
+    enable_tf32()
     app()

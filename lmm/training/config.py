@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 
-from lmm.config import ConfigError, LMMConfig, YamlConfig, apply_overrides, from_dict, load_yaml
+from lmm.config import (ConfigError, LMMConfig, YamlConfig, apply_overrides, from_dict, load_yaml,
+                        require_bitsandbytes)
 from lmm.data.config import DataConfig
 
 RESOLVED_CONFIG = "config.yaml"
@@ -159,12 +160,12 @@ class TrainConfig(YamlConfig):
                               "frozen_cache: false")
         if self.contrastive_weight > 0 and self.distributed == "fsdp2":
             raise ConfigError("contrastive_weight is tested with distributed=none and ddp, not fsdp2; use ddp")
-        if self.model is not None and self.model.language.load_in_4bit and not _cuda():
-            raise ConfigError("model.language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; set "
-                              "model.language.load_in_4bit=false to train in full precision on this machine")
-        if any("load_in_4bit=true" in o.replace(" ", "").lower() for o in self.model_overrides) and not _cuda():
-            raise ConfigError("language.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; drop that "
-                              "model override to train in full precision on this machine")
+        if self.model is not None and self.model.language.load_in_4bit:
+            require_bitsandbytes("model.language.load_in_4bit (QLoRA)",
+                                 "set model.language.load_in_4bit=false to train in full precision")
+        if any("load_in_4bit=true" in o.replace(" ", "").lower() for o in self.model_overrides):
+            require_bitsandbytes("language.load_in_4bit (QLoRA)",
+                                 "drop that model override to train in full precision")
 
     def validate_training(self, world_size: Optional[int] = None) -> None:
         """Optimiser, schedule, checkpoint, logging and launch settings (what a Trainer needs)."""
@@ -219,8 +220,8 @@ class TrainConfig(YamlConfig):
         if o.grad_clip < 0 or o.gate_lr_mult <= 0:
             raise ConfigError(f"optim.grad_clip must be >= 0 and optim.gate_lr_mult > 0 "
                               f"(got {o.grad_clip}, {o.gate_lr_mult})")
-        if o.eight_bit and not _cuda():
-            raise ConfigError("optim.eight_bit (bitsandbytes AdamW8bit) needs CUDA; set optim.eight_bit=false")
+        if o.eight_bit:
+            require_bitsandbytes("optim.eight_bit (AdamW8bit)", "set optim.eight_bit=false")
         if o.global_batch_size is not None:
             per_step = ws * o.grad_accum
             if o.global_batch_size < 1 or o.global_batch_size % per_step:

@@ -9,7 +9,6 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def new_token_rows(model: nn.Module) -> list[nn.Parameter]:
@@ -41,25 +40,9 @@ def saveable(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute each decoder layer's activations in backward (non-reentrant `torch.utils.checkpoint`),
-    by wrapping the layer's forward in place. Returns the number of layers wrapped."""
-    from lmm.fusion import find_layer_list
-
-    count = 0
-    for layer in find_layer_list(model.lm):
-        if getattr(layer, "_lmm_checkpointed", False):
-            continue
-        inner = layer.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        layer.forward = forward
-        layer._lmm_checkpointed = True
-        count += 1
-    return count
+    """Recompute each decoder layer (with its cross-attention block) in backward; see
+    `LMM.gradient_checkpointing_enable`. Returns the number of layers wrapped."""
+    return model.gradient_checkpointing_enable()
 
 
 def compile_model(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from lmm.config import ConfigError
+from lmm.config import ConfigError, require_bitsandbytes
 
 GATE_NAMES = ("attn_gate", "ff_gate")
 
@@ -46,8 +46,10 @@ def build_optimizer(model: nn.Module, optim_cfg, device: torch.device, sharded: 
         g["lr"] = optim_cfg.lr * g["lr_mult"]
     kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     if optim_cfg.eight_bit:
+        require_bitsandbytes("optim.eight_bit (AdamW8bit)", "set optim.eight_bit=false")
         if device.type != "cuda":
-            raise ConfigError("optim.eight_bit (bitsandbytes AdamW8bit) needs CUDA; set optim.eight_bit=false")
+            raise ConfigError(f"optim.eight_bit (AdamW8bit) needs the model on CUDA, not {device}; set "
+                              "optim.eight_bit=false")
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kw)

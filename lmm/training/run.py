@@ -40,7 +40,10 @@ def _preset_config(name: str) -> Optional[LMMConfig]:
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """The model a run starts from: `model:` config, or `preset:` (name or saved dir) with `model_overrides`."""
-    from lmm.model import CONFIG_FILE, LMM
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lmm.model import CONFIG_FILE, FROZEN_FILE, LMM, WEIGHTS_FILE
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,22 +61,33 @@ def build_model(cfg: TrainConfig, device: torch.device):
         raise ConfigError(f"preset {name!r} is neither a preset name nor a saved model directory")
     base_dict = json.loads((path / CONFIG_FILE).read_text())
     model_cfg = from_dict(LMMConfig, apply_overrides(base_dict, cfg.model_overrides))
-    base = LMM.from_pretrained(path, device=device)
-    model = LMM.from_config(model_cfg, tokenizer=base.tokenizer, device=device)
-    copy_matching_weights(base, model)
-    del base
+    # Build the overridden model from its own frozen sources (e.g. a 4-bit LM for QLoRA) and load only what the
+    # directory saved over it: the trained bridge, plus the frozen weights where the LM came from a config.
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
+    model = LMM.from_config(model_cfg, tokenizer=tokenizer, device=device)
+    saved = load_file(path / WEIGHTS_FILE)
+    if (path / FROZEN_FILE).is_file():  # frozen weights that came from no path (random-init towers)
+        frozen = load_file(path / FROZEN_FILE)
+        if model_cfg.language.load_in_4bit:
+            if model_cfg.language.path is None:
+                raise ConfigError(f"{path} holds its own randomly initialised LM; a 4-bit LM loads from a folder: "
+                                  "drop language.load_in_4bit=true or set language.path")
+            # the LM's weights are language.path's, quantised on load; its bf16 copies here cannot go into 4 bits
+            frozen = {k: v for k, v in frozen.items() if not k.startswith("lm.")}
+        saved.update(frozen)
+    copy_matching_weights(saved, model)
     return model
 
 
-def copy_matching_weights(src: torch.nn.Module, dst: torch.nn.Module) -> list[str]:
-    """Copy every tensor of `src` into the same-named tensor of `dst` (LoRA's `base_layer.` renaming
+def copy_matching_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> list[str]:
+    """Copy every named tensor of `src` into the same-named tensor of `dst` (LoRA's `base_layer.` renaming
     understood); returns the names of `dst` that received nothing (e.g. new LoRA weights)."""
     from lmm.model import _unique_state
 
-    src_state, dst_state = _unique_state(src), _unique_state(dst)
+    dst_state = _unique_state(dst)
     filled = set()
     with torch.no_grad():
-        for name, t in src_state.items():
+        for name, t in src.items():
             target = name if name in dst_state else _lora_name(name)
             if target not in dst_state:
                 continue

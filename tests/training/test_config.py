@@ -40,7 +40,7 @@ def write(tmp_path, cfg: dict):
     (lambda c: c["data"].update(batch_size=0), "data.batch_size must be >= 1"),
     (lambda c: c.update(model_overrides=["lora.rank=4"]), "model_overrides: unknown config key 'lora.rank'"),
     (lambda c: c.update(preset="/nonexistent/model"), "neither a preset name"),
-    (lambda c: c.update(model={"language": {"load_in_4bit": True}}, preset=None), "needs a CUDA GPU"),
+    (lambda c: c.update(model={"language": {"load_in_4bit": True}}, preset=None), "language.load_in_4bit (QLoRA) needs"),
     (lambda c: c.update(distributed="fsdp"), "'fsdp' is not one of"),
     (lambda c: c.update(balance_answers=True), "balance_answers works with the frozen-cache batches"),
 ], ids=["typo", "typo-suggestion", "missing-shards", "missing-image-root", "global-batch", "grad-accum",
