@@ -29,9 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CHECKS = ["pytest_gpu", "placement", "parity", "adamw8bit", "qlora", "memory_model", "train_3b", "train_3b_lowmem",
-          "generate_3b"]
-TIMEOUT_S = {"pytest_gpu": 150, "train_3b": 150, "train_3b_lowmem": 150, "generate_3b": 120}
+CHECKS = ["placement", "parity", "pytest_gpu", "qlora", "adamw8bit", "train_3b", "generate_3b", "train_3b_lowmem",
+          "memory_model"]
+TIMEOUT_S = {"pytest_gpu": 120, "train_3b": 120, "train_3b_lowmem": 120, "generate_3b": 100}  # others: 75 s
 
 
 class Skip(Exception):
@@ -303,13 +303,13 @@ def main() -> None:
         t = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--run", name, "--device", args.device],
-                                  capture_output=True, text=True, timeout=TIMEOUT_S.get(name, 90),
+                                  capture_output=True, text=True, timeout=TIMEOUT_S.get(name, 75),
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
             lines = proc.stdout.strip().splitlines()
             res = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                 "check": name, "ok": False, "returncode": proc.returncode, "error": proc.stderr[-1500:]}
         except subprocess.TimeoutExpired:
-            res = {"check": name, "ok": False, "error": f"timed out after {TIMEOUT_S.get(name, 90)} s"}
+            res = {"check": name, "ok": False, "error": f"timed out after {TIMEOUT_S.get(name, 75)} s"}
         res.setdefault("wall_s", round(time.perf_counter() - t, 1))
         results.append(res)
         print(json.dumps(res, default=str), flush=True)
