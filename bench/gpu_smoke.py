@@ -239,7 +239,7 @@ def _script(device: str, script: str, *args: str) -> dict:
 
 def check_pytest_gpu(device: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT)
+                           str(ROOT / "tests")], capture_output=True, text=True, cwd=tempfile.gettempdir())  # the installed lmm, not ./lmm
     last = (proc.stdout.strip().splitlines() or [""])[-1]
     return {"ok": proc.returncode in (0, 5), "summary": last, "returncode": proc.returncode,
             "failures": [line for line in proc.stdout.splitlines() if line.startswith("FAILED")][:10]}
