@@ -4,16 +4,11 @@
 The same as `lmm train`; under `torchrun --nproc_per_node N train.py ...` set distributed=ddp or fsdp2.
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from lmm.cli.train import main  # noqa: E402
+from lmm.runtime import enable_tf32, offline
 
 if __name__ == "__main__":
-    from lmm.runtime import enable_tf32
-
+    offline()  # local files only, set before transformers loads (it would retry the hub for every missing file)
     enable_tf32()
+    from lmm.cli.train import main
+
     main()

@@ -2,9 +2,9 @@
 
 from .contrastive import ContrastiveHead, info_nce
 from .perceiver import PerceiverResampler
-from .projector import Projector
+from .projector import MediaFlatten, Projector
 from .qformer import QFormer
 from .xattn import GatedCrossAttentionBlock, media_mask
 
-__all__ = ["PerceiverResampler", "GatedCrossAttentionBlock", "media_mask", "QFormer", "Projector", "ContrastiveHead",
+__all__ = ["PerceiverResampler", "GatedCrossAttentionBlock", "media_mask", "QFormer", "Projector", "MediaFlatten", "ContrastiveHead",
            "info_nce"]

@@ -25,3 +25,18 @@ class Projector(nn.Module):
         if frame_mask is not None:  # padded frames contribute zeros
             x = x * frame_mask.view(B, M, F, 1, 1).to(x.dtype)
         return self.mlp(x).reshape(B, M, F * N, -1)
+
+
+class MediaFlatten(nn.Module):
+    """Flamingo without a perceiver: a linear map of every visual token, frames flattened: (B,M,F,N,D)->(B,M,F*N,D)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, M, F, N, D = x.shape
+        if frame_mask is not None:
+            x = x * frame_mask.view(B, M, F, 1, 1).to(x.dtype)
+        return self.norm(self.proj(x)).reshape(B, M, F * N, D)

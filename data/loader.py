@@ -32,7 +32,6 @@ from .packing import collate, collate_packed, fits
 from .sources import build_source
 from .stream import DatasetStream
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 STATE_VERSION = 1
 
 
@@ -276,4 +275,6 @@ def probe_dataset(dcfg, source, encoder: SampleEncoder, records: int = 32) -> No
 def build_loader(cfg: DataConfig, tokenizer, image_transform: Callable, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False) -> LMMLoader:
     """The resumable training loader for `cfg` (see the module docstring)."""
+    if cfg.num_workers > 0:  # forked workers and a tokenizer's own threads deadlock: let the workers parallelise
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return LMMLoader(cfg, tokenizer, image_transform, rank, world_size, pin_memory)

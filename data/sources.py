@@ -7,7 +7,7 @@ next unread record:
   ShardSource (webdataset tars; HF files in streaming mode): a shard is a file; reader g of G takes
     every G-th file of the epoch's (seeded) shard order, or, with fewer files than readers, every
     file but only every G-th record of it. Cursor: {"shard": position in its list, "record": records read}.
-  TableSource (HF Dataset from parquet/json/arrow/save_to_disk; easy-vqa): random access; reader g
+  TableSource (HF Dataset from parquet/json/arrow/save_to_disk): random access; reader g
     takes every G-th row of the epoch's (seeded) row permutation. Cursor: {"row": position}.
 
 `iter_records` yields (key, record, cursor_after); a `None` record marks a shard boundary (only
@@ -18,11 +18,6 @@ from __future__ import annotations
 
 import glob
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -201,14 +196,8 @@ def load_table(kind: str, files: list[str], split: str):
 
 
 def build_source(cfg, seed: int = 0):
-    """The Source for one DatasetConfig (easy-vqa included); DataError when nothing usable is there."""
+    """The Source for one DatasetConfig; DataError when nothing usable is there."""
     name = cfg.display_name()
-    if cfg.source == "easyvqa":
-        from .easyvqa import easyvqa_records
-
-        split = cfg.path or "train"
-        return TableSource(name, lambda: easyvqa_records(split, cfg.easyvqa_task, cfg.fewshot_shots, seed),
-                           cfg.shuffle, seed)
     kind = detect_source(cfg.path) if cfg.source == "auto" else cfg.source
     if kind == "disk":
         path = os.path.expanduser(cfg.path)

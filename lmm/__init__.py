@@ -1,13 +1,8 @@
 """lmm: Flamingo-style large multimodal models on frozen vision + frozen LM backbones.
 
-`from lmm import LMM, LMMConfig`; heavy modules load on first use, so `lmm --help` stays fast.
+`from lmm import LMM, LMMConfig`; heavy modules load on first use, so `lmm --help` stays fast. Importing lmm
+changes nothing in the process: entry points (the `lmm` CLI, train.py) call `lmm.runtime.offline()`.
 """
-
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 __all__ = ["LMM", "LMMConfig"]
 __version__ = "0.1.0"

@@ -81,6 +81,16 @@ class VisionConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """A frozen encoder for a modality other than images (`LMMConfig.encoders[modality]`): `kind` names a builder
+    in `lmm.encoders.ENCODERS`, `options` go to it, `token` marks the media in text (default `<modality>`)."""
+
+    kind: str = ""
+    token: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
 class LanguageConfig:
     """Frozen causal LM: an HF folder (`path`), a GGUF file inside it (`gguf_file`), or a config dict."""
 
@@ -163,7 +173,8 @@ class LoraSettings:
 class LMMConfig(YamlConfig):
     """Everything needed to build an LMM (weights of the frozen parts come from paths)."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the image encoder
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)  # more modalities, keyed by name
     language: LanguageConfig = field(default_factory=LanguageConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -220,6 +231,8 @@ def _convert(value, tp, where: str):
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return value
     if tp is bool:
         if isinstance(value, bool):

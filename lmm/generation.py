@@ -141,7 +141,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     stop = _stop_ids(model, cfg)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(stop[0])
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
-    media_count = (input_ids == model.image_token_id).sum(1)
+    media_count = model.media_token_mask(input_ids).sum(1)
     with _autocast(model):
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
         out = model(input_ids, None if unpadded else attention_mask, media=media, use_cache=cfg.use_cache,
@@ -151,7 +151,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(cfg.max_new_tokens):
             logits = out.logits[:, -1].float()
-            logits[:, model.image_token_id] = float("-inf")  # images are inputs, never generated
+            logits[:, model.media_ids] = float("-inf")  # media markers are inputs, never generated
             nxt = torch.where(finished, torch.full_like(media_count, pad), _select(logits, cfg, gen))
             yield nxt
             finished |= torch.isin(nxt, stop)
@@ -180,7 +180,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
     B = input_ids.shape[0]
     stop = set(_stop_ids(model, cfg).tolist())
     rep = lambda t: t.repeat_interleave(nb, dim=0)  # noqa: E731
-    media_count = rep((input_ids == model.image_token_id).sum(1))
+    media_count = rep(model.media_token_mask(input_ids).sum(1))
     with _autocast(model):
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
         media = rep(media) if media is not None else None
@@ -192,7 +192,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
         done: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         for step in range(cfg.max_new_tokens):
             logp = out.logits[:, -1].float().log_softmax(-1)
-            logp[:, model.image_token_id] = float("-inf")
+            logp[:, model.media_ids] = float("-inf")
             V = logp.shape[-1]
             cand = (scores.view(B * nb, 1) + logp).view(B, nb * V)
             top_s, top_i = cand.topk(2 * nb, dim=-1)
@@ -335,7 +335,7 @@ def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence
             media = model.encode_media(enc["pixel_values"].to(dev)) if "pixel_values" in enc else None
             out = model(ids, enc["attention_mask"], media=media, use_cache=bool(longer), logits_to_keep=1)
             total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # (P, C): log p(first token)
-            media_count = (ids == model.image_token_id).sum(1)
+            media_count = model.media_token_mask(ids).sum(1)
             group = max(1, batch_size // P)
             for g in range(0, len(longer), group):
                 total[:, longer[g:g + group]] += _continuation_logp(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lmm.config import ConfigError
-from lmm.model import CONFIG_FILE, FROZEN_FILE, WEIGHTS_FILE
+from lmm.model import CONFIG_FILE, FROZEN_FILE, WEIGHTS_FILE, upgrade_names
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -105,7 +105,7 @@ def merge_models(a: str | Path, b: str | Path, alpha: float, out: str | Path) ->
         raise ConfigError("--out must be a new directory, not one of the inputs")
     check_compatible(pa, pb)
     po.mkdir(parents=True, exist_ok=True)
-    merged = interpolate(load_file(pa / WEIGHTS_FILE), load_file(pb / WEIGHTS_FILE), alpha)
+    merged = interpolate(upgrade_names(load_file(pa / WEIGHTS_FILE)), upgrade_names(load_file(pb / WEIGHTS_FILE)), alpha)
     save_file(merged, po / WEIGHTS_FILE)
     cfg = json.loads((pa / CONFIG_FILE).read_text())
     cfg["name"] = f"merge({cfg.get('name', 'a')}, {json.loads((pb / CONFIG_FILE).read_text()).get('name', 'b')}, "\

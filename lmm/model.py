@@ -1,19 +1,24 @@
-"""LMM: a frozen vision tower and a frozen causal LM bridged by a trainable Flamingo, Q-Former or projector.
+"""LMM: frozen media encoders and a frozen causal LM, bridged by trainable resamplers and a fusion bridge.
 
     from lmm import LMM
-    model = LMM.from_pretrained("lmm-tiny")            # or a save_pretrained directory
+    model = LMM.from_pretrained("runs/demo")           # a save_pretrained directory (presets: lmm.presets.load)
     model.generate("<image>Question: what shape? Answer:", images=[img])
     model.chat([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}])
 
+The parts: `encoders` (one frozen encoder per modality, lmm.encoders; "image" from `config.vision`),
+`resamplers` (one per modality, made by the bridge), `bridge` (lmm.bridges: deep fusion = gated cross-attention
+inside the decoder, early fusion = media tokens in the input), the LM, and the new-token rows `embed` / `head`.
+Losses are functions over the outputs (lmm.losses). Nothing here switches on the bridge kind.
+
 Batch contract of `forward`: input_ids/attention_mask/labels (B, T); pixel_values (B, M, F, C, H, W) where the
-k-th `<image>` token of row b is media b, k; optional segment_ids/position_ids for packed rows (attention stays
-within a segment, position ids restart) and frame_mask (B, M, F) for padded video frames.
+k-th `<image>` token of row b is media b, k (other modalities: `media_inputs={name: (B, M, F, ...)}`, placed by
+their own marker tokens); optional segment_ids/position_ids for packed rows (attention stays within a segment,
+position ids restart) and frame_mask (B, M, F) for padded video frames.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,22 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm.adapters import (ContrastiveHead, GatedCrossAttentionBlock, PerceiverResampler, Projector, QFormer, info_nce,
-                          media_mask)
+from lmm.adapters import ContrastiveHead, info_nce
 from lmm.backbones.language import load_language_model, load_tokenizer
 from lmm.backbones.vision import build_vision_tower
+from lmm.bridges import FusionInputs, build_bridge, positions_from_mask
 from lmm.config import ConfigError, LMMConfig, from_dict
+from lmm.encoders import build_encoder
+from lmm.fusion import (DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, checkpoint_modules,
+                        find_layer_list, head_logit_transform)
 from lmm.losses import next_token_losses
-from lmm.fusion import (MEDIA_KWARG, checkpoint_modules, DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, MediaContext,
-                        cross_attn_layer_indices, find_layer_list, fuse_layers, head_logit_transform)
-from lmm.tokens import IMAGE_TOKEN, add_media_tokens
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from lmm.tokens import IMAGE_TOKEN, add_media_tokens, add_tokens
 
 CONFIG_FILE = "lmm_config.json"
 WEIGHTS_FILE = "trainable.safetensors"
 FROZEN_FILE = "frozen.safetensors"
+# parameter names of directories saved before the encoders/resamplers became per-modality dicts
+LEGACY_NAMES = {"vision.": "encoders.image.", "resampler.": "resamplers.image."}
 
 
 @dataclass
@@ -45,25 +50,10 @@ class LMMOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor | None
     past_key_values: Any = None
-    attention_mask: torch.Tensor | None = None  # after `<image>` expansion (Q-Former / projector)
+    attention_mask: torch.Tensor | None = None  # after media-token expansion (early fusion)
     labels: torch.Tensor | None = None  # idem
     token_losses: torch.Tensor | None = None  # (B, T-1) next-token losses, 0 where labels are -100
     contrastive_loss: torch.Tensor | None = None  # image-text InfoNCE over the batch (bridge.contrastive_dim > 0)
-
-
-class MediaFlatten(nn.Module):
-    """Flamingo without a perceiver: a linear map of every visual token, frames flattened: (B,M,F,N,D)->(B,M,F*N,D)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, M, F_, N, D = x.shape
-        if frame_mask is not None:
-            x = x * frame_mask.view(B, M, F_, 1, 1).to(x.dtype)
-        return self.norm(self.proj(x)).reshape(B, M, F_ * N, D)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -76,68 +66,55 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Position ids that restart at 0 at every segment boundary (packed rows)."""
-    T = segment_ids.shape[1]
-    idx = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    seg_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - seg_start
+def upgrade_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename tensors saved under the old single-modality names (`vision.*`, `resampler.*`)."""
+    out = {}
+    for k, v in tensors.items():
+        for old, new in LEGACY_NAMES.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[k] = v
+    return out
 
 
 class LMM(nn.Module):
-    """Frozen vision tower + frozen LM + trainable bridge (and optional LoRA)."""
+    """Frozen encoders + frozen LM + trainable resamplers and bridge (and optional LoRA)."""
 
-    def __init__(self, config: LMMConfig, vision: nn.Module, lm: nn.Module, tokenizer):
+    def __init__(self, config: LMMConfig, vision: nn.Module, lm: nn.Module, tokenizer,
+                 encoders: dict[str, nn.Module] | None = None):
         super().__init__()
         self.config = config
-        self.vision = vision
         self.tokenizer = tokenizer
+        vision.token = IMAGE_TOKEN
+        self.encoders = nn.ModuleDict({"image": vision, **(encoders or {})})
         self.image_token_id, self.eoc_token_id = add_media_tokens(tokenizer)
-        new_ids = [self.image_token_id, self.eoc_token_id]
+        others = [m for m in self.encoders if m != "image"]
+        self.media_token_ids = {"image": self.image_token_id,
+                                **dict(zip(others, add_tokens(tokenizer, [self.encoders[m].token for m in others])))}
+        new_ids = [self.image_token_id, self.eoc_token_id, *(self.media_token_ids[m] for m in others)]
         if config.lora.r > 0:
             lm = _inject_lora(lm, config)
         self.lm = lm
         emb = lm.get_input_embeddings()
-        lm_hidden = lm.config.hidden_size
         vocab_out = max(emb.num_embeddings, max(new_ids) + 1)
         # Every new (trainable, fp32) tensor is created on the LM's device: nothing to move afterwards, so no
         # buffer or parameter can be left behind on another device (building on "meta" allocates nothing).
         with torch.device(emb.weight.device):
-            self._build_bridge(config, vision.dim, emb, lm, lm_hidden, new_ids, vocab_out)
+            self.embed = ExtendedEmbedding(emb, new_ids)
+            self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out, *head_logit_transform(lm.config))
+            self.bridge = build_bridge(config.bridge, lm, vision.dim)
+            self.resamplers = nn.ModuleDict({m: self.bridge.resampler(e.dim) for m, e in self.encoders.items()})
+            self.bridge.attach(lm)
+            self.contrastive = None
+            if config.bridge.contrastive_dim > 0:
+                if not getattr(self.bridge, "supports_contrastive", False):
+                    raise ConfigError("bridge.contrastive_dim is built and tested for the flamingo bridge (its media "
+                                      "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo")
+                self.contrastive = ContrastiveHead(vision.dim, lm.config.hidden_size, config.bridge.contrastive_dim)
+        self.register_buffer("media_ids", torch.tensor(list(self.media_token_ids.values()), device=emb.weight.device),
+                             persistent=False)
         self._freeze()
-
-    def _build_bridge(self, config: LMMConfig, dv: int, emb: nn.Module, lm: nn.Module, lm_hidden: int,
-                      new_ids: list[int], vocab_out: int) -> None:
-        self.embed = ExtendedEmbedding(emb, new_ids)
-        self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out, *head_logit_transform(lm.config))
-        b = config.bridge
-        if b.kind == "flamingo":
-            p = b.perceiver
-            self.resampler = (PerceiverResampler(dv, p.num_latents, p.depth, p.heads, p.head_dim, p.ff_mult,
-                                                 p.max_media, p.max_frames, p.qk_norm)
-                              if b.use_perceiver else MediaFlatten(dv))
-            x = b.cross_attn
-            n_layers = len(find_layer_list(lm))
-            idx = cross_attn_layer_indices(n_layers, x.every, x.first_layer, x.layers)
-            fuse_layers(lm, {i: GatedCrossAttentionBlock(lm_hidden, dv, x.heads, x.head_dim, x.ff_mult, x.qk_norm)
-                             for i in idx})
-        elif b.kind == "qformer":
-            q = b.qformer
-            self.resampler = QFormer(dv, emb.embedding_dim, q.num_queries, q.depth, q.hidden, q.heads, q.ff_mult,
-                                     q.cross_every, b.perceiver.max_frames)
-        elif b.kind == "projector":
-            self.resampler = Projector(dv, emb.embedding_dim, b.projector.depth, b.projector.hidden_mult,
-                                       b.perceiver.max_frames)
-        else:
-            raise ConfigError(f"bridge.kind must be flamingo, qformer or projector; got {b.kind!r}")
-        self.contrastive = None
-        if b.contrastive_dim > 0:
-            if b.kind != "flamingo":
-                raise ConfigError("bridge.contrastive_dim is built and tested for the flamingo bridge (its media "
-                                  "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo")
-            self.contrastive = ContrastiveHead(dv, lm_hidden, b.contrastive_dim)
 
     # ------------------------------------------------------------------ construction
 
@@ -150,35 +127,33 @@ class LMM(nn.Module):
         dtype = resolve_dtype(config.dtype, device)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.language)
         vision = build_vision_tower(config.vision).to(device=device, dtype=dtype)
+        encoders = {m: build_encoder(m, c).to(device=device, dtype=dtype) for m, c in config.encoders.items()}
         lm = load_language_model(config.language, dtype, device)
-        return cls(config, vision, lm, tokenizer)
+        return cls(config, vision, lm, tokenizer, encoders)
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, device: str | torch.device | None = None) -> "LMM":
-        """Load a `save_pretrained` directory, or a named preset (e.g. "lmm-tiny") from the local cache."""
+        """Load a `save_pretrained` directory (named presets such as "lmm-tiny": `lmm.presets.load`, which also
+        takes directories)."""
         from safetensors.torch import load_file
 
         path = Path(path_or_name)
         if not (path / CONFIG_FILE).is_file():
-            from lmm.presets import PRESETS, build_preset
-
-            if str(path_or_name) in PRESETS:
-                return build_preset(str(path_or_name), device=device)
-            raise ConfigError(f"{path_or_name}: not a saved lmm model directory (no {CONFIG_FILE}) and not a "
-                              f"preset name ({', '.join(PRESETS)})")
+            raise ConfigError(f"{path_or_name}: not a saved lmm model directory (no {CONFIG_FILE} inside); for a "
+                              f"named preset use lmm.presets.load({str(path_or_name)!r})")
         config = from_dict(LMMConfig, json.loads((path / CONFIG_FILE).read_text()))
         tokenizer = None
         if (path / "tokenizer").is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        frozen = load_file(path / FROZEN_FILE) if (path / FROZEN_FILE).is_file() else None
+        frozen = upgrade_names(load_file(path / FROZEN_FILE)) if (path / FROZEN_FILE).is_file() else None
         model = cls.from_config(config, tokenizer=tokenizer, device=device)
         if frozen is not None:
             missing = model._load_named(frozen)
             if missing:
                 raise ConfigError(f"{path / FROZEN_FILE}: tensors do not match the model: {missing[:5]}")
-        trained = load_file(path / WEIGHTS_FILE)
+        trained = upgrade_names(load_file(path / WEIGHTS_FILE))
         expected = set(model.trainable_state_dict())
         if set(trained) != expected:
             raise ConfigError(f"{path / WEIGHTS_FILE} does not match the config: missing "
@@ -200,16 +175,17 @@ class LMM(nn.Module):
         if include_frozen is None:
             c = self.config
             include_frozen = c.language.path is None or (c.vision.kind == "open_clip" and c.vision.pretrained is None) \
-                or (c.vision.kind == "hf" and c.vision.path is None)
+                or (c.vision.kind == "hf" and c.vision.path is None) \
+                or any(not getattr(e, "weights_from_path", False) for m, e in self.encoders.items() if m != "image")
         if include_frozen:
             trainable = set(self.trainable_state_dict())
-            frozen = {k: v.detach().contiguous().cpu() for k, v in _unique_state(self).items() if k not in trainable}
+            frozen = {k: v.detach().contiguous().cpu() for k, v in unique_state(self).items() if k not in trainable}
             save_file(frozen, path / FROZEN_FILE)
         self.tokenizer.save_pretrained(path / "tokenizer")
 
     def _freeze(self) -> None:
         self.requires_grad_(False)
-        self.resampler.requires_grad_(True)
+        self.resamplers.requires_grad_(True)
         for blk in self.xattn_blocks():
             blk.requires_grad_(True)
         self.embed.extra.requires_grad_(True)
@@ -219,14 +195,15 @@ class LMM(nn.Module):
         for n, p in self.lm.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
-        self.vision.eval()
+        self.encoders.eval()
         self.lm.eval()
 
     def gradient_checkpointing_enable(self) -> int:
         """Recompute every decoder layer (with its cross-attention block) and every resampler layer in backward
         instead of storing their activations; the same for the trainer, the benchmarks and the API. Returns
         the number of decoder layers wrapped."""
-        checkpoint_modules(getattr(self.resampler, "layers", []))
+        for resampler in self.resamplers.values():
+            checkpoint_modules(getattr(resampler, "layers", []))
         return checkpoint_modules(find_layer_list(self.lm))
 
     def xattn_blocks(self) -> list[nn.Module]:
@@ -239,7 +216,7 @@ class LMM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def _load_named(self, tensors: dict[str, torch.Tensor]) -> list[str]:
-        own = _unique_state(self)
+        own = unique_state(self)
         missing = [k for k in tensors if k not in own]
         with torch.no_grad():
             for k, v in tensors.items():
@@ -251,7 +228,7 @@ class LMM(nn.Module):
         """Training mode for the trainable parts only: frozen towers never switch to training behaviour
         (dropout), while LoRA's own dropout (peft's `lora_dropout` modules) does."""
         super().train(mode)
-        self.vision.eval()
+        self.encoders.eval()
         for name, m in self.lm.named_modules():
             trainable = any(p.requires_grad for p in m.parameters(recurse=False)) or ".lora_dropout." in name
             if not trainable:
@@ -266,127 +243,137 @@ class LMM(nn.Module):
     def image_processor(self):
         return self.vision.preprocess
 
+    @property
+    def vision(self) -> nn.Module:
+        """The image encoder (`encoders["image"]`)."""
+        return self.encoders["image"]
+
+    @property
+    def resampler(self) -> nn.Module:
+        """The image resampler (`resamplers["image"]`)."""
+        return self.resamplers["image"]
+
     # ------------------------------------------------------------------ forward
 
+    def media_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool (B, T): marker tokens of any modality (`<image>`, ...)."""
+        return torch.isin(input_ids, self.media_ids.to(input_ids.device))
+
+    def media_features(self, modality: str, items: torch.Tensor) -> torch.Tensor:
+        """Frozen features (B, M, F, N, D) of preprocessed media (B, M, F, ...); no grad."""
+        B, M, F_ = items.shape[:3]
+        with torch.no_grad():
+            feats = self.encoders[modality](items.flatten(0, 2).to(self.device))
+        return feats.view(B, M, F_, *feats.shape[1:])
+
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen visual tokens (B, M, F, N, Dv) for pixel_values (B, M, F, C, H, W); no grad."""
+        """Frozen visual tokens (B, M, F, N, Dv) for pixel_values (B, M, F, C, H, W) (or (B, C, H, W), (B, M, C, H, W))."""
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None, None]
         elif pixel_values.ndim == 5:
             pixel_values = pixel_values[:, :, None]
-        B, M, F_ = pixel_values.shape[:3]
-        tokens = self.vision(pixel_values.flatten(0, 2).to(self.device))
-        return tokens.view(B, M, F_, *tokens.shape[1:])
+        return self.media_features("image", pixel_values)
 
     def encode_media(self, pixel_values: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
-                     vision_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Bridge output per media item: (B, M, L, D) (perceiver latents, Q-Former queries or projected tokens)."""
-        if vision_features is None:
-            vision_features = self.vision_features(pixel_values)
-        p = next(self.resampler.parameters())
+                     vision_features: torch.Tensor | None = None, modality: str = "image",
+                     features: torch.Tensor | None = None) -> torch.Tensor:
+        """Resampled media (B, M, L, D) of one modality (perceiver latents, Q-Former queries or projected tokens)
+        from its raw items (`pixel_values` for images) or its frozen features."""
+        if features is None:
+            features = vision_features
+        if features is None:
+            features = (self.vision_features(pixel_values) if modality == "image"
+                        else self.media_features(modality, pixel_values))
+        resampler = self.resamplers[modality]
+        p = next(resampler.parameters())
         if frame_mask is not None:
             frame_mask = frame_mask.to(p.device)
-        return self.resampler(vision_features.to(device=p.device, dtype=p.dtype), frame_mask)
+        return resampler(features.to(device=p.device, dtype=p.dtype), frame_mask)
+
+    def gather_media(self, input_ids: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One (B, M, L, D) tensor of every modality's media in text order: slot k of row b is the media of the
+        row's k-th marker token. A single modality is returned as it is (no copy, no host sync)."""
+        if len(encoded) == 1:
+            return next(iter(encoded.values()))
+        shapes = {m: tuple(e.shape[2:]) for m, e in encoded.items()}
+        if len(set(shapes.values())) > 1:
+            raise ConfigError(f"media of several modalities in one batch must resample to the same shape (same "
+                              f"perceiver num_latents); got {shapes}")
+        any_marker = self.media_token_mask(input_ids)
+        slot = any_marker.long().cumsum(1) - 1
+        first = next(iter(encoded.values()))
+        out = first.new_zeros(first.shape[0], int(any_marker.sum(1).max()), *first.shape[2:])
+        for m, enc in encoded.items():
+            is_m = input_ids == self.media_token_ids[m]
+            bi, ti = is_m.nonzero(as_tuple=True)
+            j = (is_m.long().cumsum(1) - 1)[bi, ti]
+            if bool((j >= enc.shape[1]).any()):
+                raise ValueError(f"a row has more {self.encoders[m].token} tokens than {m} inputs")
+            out[bi, slot[bi, ti]] = enc[bi, j]
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 frame_mask: torch.Tensor | None = None, media: torch.Tensor | None = None,
-                vision_features: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
-                media_offset: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
+                vision_features: torch.Tensor | None = None, media_inputs: dict[str, torch.Tensor] | None = None,
+                past_key_values=None, use_cache: bool = False, media_offset: torch.Tensor | None = None,
+                logits_to_keep: int = 0, return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
                 prefix_layer: int | None = None, contrastive: bool = False, validate: bool = True) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
-        None means no padding (then pass `position_ids` when decoding with a cache);
-        `media_offset` (B,) counts the images already consumed by earlier (cached) tokens.
-        `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from `prefix_hidden_states`,
-        right padding only); the layers below are skipped (frozen-prefix caching for training).
+        None means no padding (then pass `position_ids` when decoding with a cache). `media`: already resampled
+        media (B, M, L, D) in text order; `media_offset` (B,) counts media consumed by earlier (cached) tokens.
+        `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from
+        `prefix_hidden_states`, right padding only); the layers below are skipped (frozen-prefix caching).
         `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media).
-        `validate=False` skips the `<image>`-count check, the forward's only host sync (decode steps after a
-        checked prefill); the flamingo forward then runs without waiting for the device."""
+        `validate=False` skips the media-count check, the forward's only host sync (decode steps after a checked
+        prefill); the deep-fusion forward then runs without waiting for the device."""
         input_ids = input_ids.to(self.device)
-        B, T = input_ids.shape
-        unpadded = attention_mask is None  # no padding anywhere: the LM builds a plain causal mask, without syncs
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        is_img = input_ids == self.image_token_id
-        n_img = is_img.sum(1)
-        if media is None and (pixel_values is not None or vision_features is not None):
-            media = self.encode_media(pixel_values, frame_mask, vision_features)
+        if media is None:
+            media = self._encode_inputs(input_ids, pixel_values, vision_features, frame_mask, media_inputs)
+        is_media = self.media_token_mask(input_ids)
         if validate and not torch.compiler.is_compiling():
-            self.check_media_count(n_img, media)
-        if segment_ids is not None:
-            segment_ids = segment_ids.to(self.device)
-        if contrastive and (self.contrastive is None or labels is None or prefix_hidden is not None):
-            raise ValueError("contrastive=True needs a model with a contrastive head (bridge.contrastive_dim > 0), "
-                             "labels, and the full forward (not prefix_hidden)")
-        embeds = self.embed(input_ids)
-        ctx = None
-        if media is not None and self.config.bridge.kind != "flamingo" and bool(n_img.any()):
-            embeds, attention_mask, labels, segment_ids = self._splice(embeds, is_img, media, attention_mask,
-                                                                      labels, segment_ids)
-            position_ids, unpadded = None, False
-        elif media is not None and self.config.bridge.kind == "flamingo":
-            text_idx = is_img.long().cumsum(1)
-            if media_offset is not None:
-                text_idx = text_idx + media_offset.to(self.device).view(B, 1)
-            media_seg = None
-            if segment_ids is not None:
-                # segment of each media item: scattered from its `<image>` token; other tokens write -1 into a
-                # spare last slot (no nonzero(), so no host sync)
-                M = media.shape[1]
-                slot = torch.where(is_img, text_idx - 1, M).clamp(max=M)
-                media_seg = torch.full((B, M + 1), -1, dtype=torch.long, device=self.device)
-                media_seg = media_seg.scatter(1, slot, torch.where(is_img, segment_ids, -1))[:, :M]
-            visible = media_mask(text_idx, media.shape[1], self.config.bridge.cross_attn.only_previous_image,
-                                 segment_ids, media_seg)
-            ctx = MediaContext(media=media, visible=visible)
-        Tn = embeds.shape[1]
-        if position_ids is None:
-            if segment_ids is not None:
-                position_ids = positions_from_segments(segment_ids)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -Tn:]
-        lm_mask = None if segment_ids is not None or unpadded else attention_mask
-        kwargs = dict(inputs_embeds=embeds, attention_mask=lm_mask,
-                      position_ids=position_ids.to(self.device), past_key_values=past_key_values, use_cache=use_cache)
-        if ctx is not None:
-            kwargs[MEDIA_KWARG] = ctx
-        if prefix_hidden is not None:
-            if segment_ids is not None or past_key_values is not None or self.config.bridge.kind != "flamingo":
-                raise ValueError("prefix_hidden works with the flamingo bridge, unpacked rows and no cache")
-            replay = self._decoder_replay()
-            layer_kwargs = dict(replay.layer_kwargs(T, self.device))
-            if ctx is not None:
-                layer_kwargs[MEDIA_KWARG] = ctx
-            h = replay.run(prefix_hidden.to(self.device), prefix_layer, layer_kwargs)
-            out = None
-        else:
-            out = self.lm.base_model(**kwargs)
-            h = out.last_hidden_state
-        loss = token_losses = None
-        if labels is not None:
-            labels = labels.to(self.device)
-            loss, token_losses = next_token_losses(self.head, h, labels)
-        logits = None
-        if return_logits:
-            logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            self.check_media_count(is_media.sum(1), media)
+        x = FusionInputs(embeds=self.embed(input_ids), is_media=is_media, unpadded=attention_mask is None,
+                         attention_mask=(torch.ones_like(input_ids) if attention_mask is None
+                                         else attention_mask.to(self.device)),
+                         media=media, media_offset=media_offset, position_ids=position_ids,
+                         segment_ids=None if segment_ids is None else segment_ids.to(self.device),
+                         labels=None if labels is None else labels.to(self.device),
+                         past_key_values=past_key_values, use_cache=use_cache)
+        h, out, x = self.bridge(self.lm, x, prefix_hidden, prefix_layer)
+        loss, token_losses = next_token_losses(self.head, h, x.labels) if x.labels is not None else (None, None)
+        logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h) if return_logits else None
         contrastive_loss = None
         if contrastive:
-            contrastive_loss = (self._contrastive_loss(media, n_img, input_ids, attention_mask, labels)
+            if self.contrastive is None or labels is None or prefix_hidden is not None:
+                raise ValueError("contrastive=True needs a model with a contrastive head (bridge.contrastive_dim > "
+                                 "0), labels, and the full forward (not prefix_hidden)")
+            contrastive_loss = (self._contrastive_loss(media, is_media.sum(1), input_ids, x.attention_mask, x.labels)
                                 if media is not None else torch.zeros((), device=self.device))
         return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache and out else None,
-                         attention_mask=attention_mask, labels=labels, token_losses=token_losses,
+                         attention_mask=x.attention_mask, labels=x.labels, token_losses=token_losses,
                          contrastive_loss=contrastive_loss)
 
-    def check_media_count(self, n_img: torch.Tensor, media: torch.Tensor | None) -> None:
-        """Every `<image>` token needs a media item: n_img (B,) tokens per row against media (B, M, ...).
+    def _encode_inputs(self, input_ids, pixel_values, vision_features, frame_mask, media_inputs):
+        """Resampled media of every modality given, gathered in text order (None if none is given)."""
+        encoded = {}
+        if pixel_values is not None or vision_features is not None:
+            encoded["image"] = self.encode_media(pixel_values, frame_mask, vision_features)
+        for modality, items in (media_inputs or {}).items():
+            if modality not in self.encoders:
+                raise ConfigError(f"media_inputs has {modality!r}, but this model encodes {', '.join(self.encoders)}")
+            encoded[modality] = self.encode_media(items, modality=modality)
+        return self.gather_media(input_ids, encoded) if encoded else None
+
+    def check_media_count(self, n_media: torch.Tensor, media: torch.Tensor | None) -> None:
+        """Every media marker token needs a media item: n_media (B,) markers per row against media (B, M, ...).
         Reads a device value (a host sync), so decode steps after the checked prefill skip it."""
-        if media is None and bool(n_img.any()):
-            raise ValueError(f"the input has {IMAGE_TOKEN} tokens but no images were given")
-        if media is not None and bool((n_img > media.shape[1]).any()):
-            raise ValueError(f"a row has {int(n_img.max())} {IMAGE_TOKEN} tokens but only {media.shape[1]} images")
+        if media is None and bool(n_media.any()):
+            raise ValueError(f"the input has {IMAGE_TOKEN} (or other media) tokens but no media were given")
+        if media is not None and bool((n_media > media.shape[1]).any()):
+            raise ValueError(f"a row has {int(n_media.max())} media tokens ({IMAGE_TOKEN} ...) but only "
+                             f"{media.shape[1]} media items")
 
     def _contrastive_loss(self, media: torch.Tensor, n_img: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -416,7 +403,7 @@ class LMM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(attention_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.lora.r > 0):
             h, _ = self._decoder_replay().capture(layer, inputs_embeds=self.embed(input_ids),
                                                   attention_mask=attention_mask, position_ids=position_ids,
@@ -424,9 +411,9 @@ class LMM(nn.Module):
         return h
 
     def _decoder_replay(self) -> DecoderReplay:
-        if getattr(self, "_replay", None) is None:
-            self._replay = DecoderReplay(self.lm)
-        return self._replay
+        if not hasattr(self.bridge, "decoder_replay"):
+            raise ValueError("hidden-state capture and replay need the flamingo bridge (cross-attention layers)")
+        return self.bridge.decoder_replay(self.lm)
 
     def lowest_bridge_layer(self) -> int:
         """Index of the first decoder layer that reads media (flamingo), i.e. the frozen prefix depth."""
@@ -450,42 +437,10 @@ class LMM(nn.Module):
         attention_mask = attention_mask.to(self.device)
         if bool((attention_mask[:, 0] == 0).any()):
             raise ValueError("prefix_hidden_states needs right padding")
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(attention_mask)
         h, _ = self._decoder_replay().capture(layer, inputs_embeds=self.embed(input_ids), position_ids=position_ids)
         return h
 
-    def _splice(self, embeds, is_img, media, attention_mask, labels, segment_ids):
-        """Expand each `<image>` token into the K media embeddings (Q-Former / projector bridges)."""
-        B, T, D = embeds.shape
-        K = media.shape[2]
-        counts = torch.where(is_img, K, 1)
-        total = counts.sum(1)
-        Tn = int(total.max())
-        left_padded = bool((attention_mask[:, 0] == 0).any()) and bool((attention_mask[:, -1] == 1).all())
-        shift = (Tn - total) if left_padded else torch.zeros_like(total)
-        start = counts.cumsum(1) - counts + shift[:, None]
-        new_embeds = embeds.new_zeros(B, Tn, D)
-        new_mask = attention_mask.new_zeros(B, Tn)
-        bt, tt = (~is_img).nonzero(as_tuple=True)
-        new_embeds[bt, start[bt, tt]] = embeds[bt, tt]
-        new_mask[bt, start[bt, tt]] = attention_mask[bt, tt]
-        bi, ti = is_img.nonzero(as_tuple=True)
-        m_idx = (is_img.long().cumsum(1) - 1)[bi, ti]
-        pos = start[bi, ti][:, None] + torch.arange(K, device=embeds.device)
-        new_embeds[bi[:, None], pos] = media[bi, m_idx].to(embeds.dtype)
-        new_mask[bi[:, None], pos] = attention_mask[bi, ti][:, None]
-        new_labels = None
-        if labels is not None:
-            new_labels = labels.new_full((B, Tn), -100)
-            new_labels[bt, start[bt, tt]] = labels[bt, tt]
-        new_seg = None
-        if segment_ids is not None:
-            new_seg = segment_ids.new_full((B, Tn), -1)
-            new_seg[bt, start[bt, tt]] = segment_ids[bt, tt]
-            new_seg[bi[:, None], pos] = segment_ids[bi, ti][:, None]
-            fresh = segment_ids.max() + 1  # padding slots form their own segment
-            new_seg = torch.where(new_seg < 0, fresh, new_seg)
-        return new_embeds, new_mask, new_labels, new_seg
 
     # ------------------------------------------------------------------ inference helpers
 
@@ -547,7 +502,7 @@ class LMM(nn.Module):
         return F.normalize(feats, dim=-1).cpu()
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers, each tensor once under its first name."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

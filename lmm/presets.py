@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from lmm.backbones.vision import register_open_clip_config
 from lmm.config import (BridgeConfig, ConfigError, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig,
                         VisionConfig)
+from lmm.model import CONFIG_FILE, LMM
 
 PRESETS = ("lmm-tiny",)
 
@@ -74,9 +76,7 @@ def efficientnet_checkpoint() -> Path:
     src_file = next((pkg / "models").glob("*.pth"))
     src = torch.load(src_file, map_location="cpu", weights_only=True)
     src = [v for k, v in src.items() if not k.startswith("_fc") and not k.endswith("num_batches_tracked")]
-    from lmm.backbones.vision import _register_open_clip_config
-
-    _register_open_clip_config("lmm-efficientnet-lite0", EFFNET_OPEN_CLIP_CFG)
+    register_open_clip_config("lmm-efficientnet-lite0", EFFNET_OPEN_CLIP_CFG)
     torch.manual_seed(0)
     model = open_clip.create_model("lmm-efficientnet-lite0")
     trunk = model.visual.trunk.state_dict()
@@ -107,9 +107,20 @@ def tiny_config() -> LMMConfig:
     )
 
 
-def build_preset(name: str, device=None):
-    from lmm.model import LMM
+def preset_config(name: str) -> LMMConfig:
+    """The LMMConfig of a named preset (its frozen weights converted into the lmm cache on first use)."""
+    builders = {"lmm-tiny": tiny_config}
+    if name not in builders:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return builders[name]()
 
-    if name == "lmm-tiny":
-        return LMM.from_config(tiny_config(), device=device)
-    raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+
+def load(name_or_path: str | Path, device=None) -> LMM:
+    """A model by preset name ("lmm-tiny": frozen weights from packages, a fresh bridge) or from a
+    `save_pretrained` directory."""
+    if str(name_or_path) in PRESETS and not (Path(name_or_path) / CONFIG_FILE).is_file():
+        return LMM.from_config(preset_config(str(name_or_path)), device=device)
+    if not (Path(name_or_path) / CONFIG_FILE).is_file():
+        raise ConfigError(f"{name_or_path}: not a saved lmm model directory (no {CONFIG_FILE}) and not a preset "
+                          f"name ({', '.join(PRESETS)})")
+    return LMM.from_pretrained(name_or_path, device=device)

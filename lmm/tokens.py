@@ -18,3 +18,11 @@ def add_media_tokens(tokenizer) -> tuple[int, int]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return (tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN))
+
+
+def add_tokens(tokenizer, tokens: list[str]) -> list[int]:
+    """Add more media marker tokens (other modalities: `<audio>` ...) as special tokens; return their ids."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]

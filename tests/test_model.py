@@ -28,7 +28,7 @@ def test_only_bridge_and_new_token_rows_get_gradients(images):
     out = model(**batch_for(model, images, ["<image>a red circle<|endofchunk|>", "<image>a blue square<|endofchunk|>"]))
     out.loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("resampler.", "embed.extra", "head.extra")) or ".block." in n
+    assert trainable and all(n.startswith(("resamplers.", "embed.extra", "head.extra")) or ".block." in n
                              for n in trainable)
     for n, p in model.named_parameters():
         if p.requires_grad:

@@ -51,7 +51,7 @@ class OpenClipVision(VisionTower):
         import open_clip
 
         if cfg.model_cfg is not None:
-            _register_open_clip_config(cfg.name, cfg.model_cfg)
+            register_open_clip_config(cfg.name, cfg.model_cfg)
         if cfg.pretrained is not None and not Path(cfg.pretrained).is_file() and "/" in cfg.pretrained:
             raise ConfigError(f"vision.pretrained: checkpoint file not found: {cfg.pretrained}")
         try:
@@ -95,7 +95,7 @@ class OpenClipVision(VisionTower):
         return tokens
 
 
-def _register_open_clip_config(name: str, model_cfg: dict) -> None:
+def register_open_clip_config(name: str, model_cfg: dict) -> None:
     import open_clip
 
     with tempfile.TemporaryDirectory() as d:

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import typer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 app = typer.Typer(help="lmm: Flamingo-style multimodal models (train, chat, serve, web, eval, data, merge).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -28,7 +23,9 @@ for _name in _COMMAND_MODULES:
 
 
 def main() -> None:
-    from lmm.runtime import enable_tf32
+    """The `lmm` entry point: local files only (no hub), TF32 matmuls on CUDA, then the command."""
+    from lmm.runtime import enable_tf32, offline
 
+    offline()
     enable_tf32()
     app()

@@ -27,22 +27,18 @@ ANSWER = "assistant> "
 
 def load_model(name: str, device: str | None = None):
     """LMM from a save_pretrained directory or a preset name; a bad name is a clear command-line error."""
+    from lmm import presets
     from lmm.config import ConfigError
-    from lmm.model import CONFIG_FILE, LMM
+    from lmm.model import CONFIG_FILE
 
     path = Path(name)
     if path.exists() and not (path / CONFIG_FILE).is_file():
         raise typer.BadParameter(f"{name} is not a saved lmm model (no {CONFIG_FILE} inside); pass a directory "
                                  f"written by save_pretrained or a preset name", param_hint="--model")
     try:
-        return LMM.from_pretrained(name, device=device)
+        return presets.load(name, device=device)
     except ConfigError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
-    except ModuleNotFoundError as e:
-        if e.name == "lmm.presets":
-            raise typer.BadParameter(f"{name}: no such model directory (and no presets are installed)",
-                                     param_hint="--model") from None
-        raise
 
 
 class ChatSession:

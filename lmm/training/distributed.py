@@ -109,7 +109,7 @@ def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
 
 def _shard_units(model: nn.Module) -> list[nn.Module]:
     """Modules sharded on their own, inner ones first: every cross-attention block, every decoder layer,
-    the vision tower and the resampler; so that only one layer's frozen weights are gathered at a time."""
+    each modality's encoder and resampler; so that only one layer's frozen weights are gathered at a time."""
     units: list[nn.Module] = []
     if hasattr(model, "xattn_blocks"):
         units += list(model.xattn_blocks())
@@ -117,9 +117,8 @@ def _shard_units(model: nn.Module) -> list[nn.Module]:
         from lmm.fusion import find_layer_list
 
         units += list(find_layer_list(model.lm))
-    for name in ("vision", "resampler"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            units.append(getattr(model, name))
+    for name in ("encoders", "resamplers"):  # one unit per modality's encoder and resampler
+        units += list(getattr(model, name, {}).values())
     return units
 
 

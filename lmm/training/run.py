@@ -26,35 +26,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _preset_config(name: str) -> Optional[LMMConfig]:
-    """The LMMConfig of a named preset (None if `name` is not one)."""
-    from lmm import presets
-
-    if name not in presets.PRESETS:
-        return None
-    getter = getattr(presets, "preset_config", None)
-    if getter is not None:
-        return getter(name)
-    return {"lmm-tiny": presets.tiny_config}[name]()
-
-
 def build_model(cfg: TrainConfig, device: torch.device):
     """The model a run starts from: `model:` config, or `preset:` (name or saved dir) with `model_overrides`."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from lmm.model import CONFIG_FILE, FROZEN_FILE, LMM, WEIGHTS_FILE
+    from lmm import presets
+    from lmm.model import CONFIG_FILE, FROZEN_FILE, LMM, WEIGHTS_FILE, upgrade_names
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if cfg.model is not None:
         return LMM.from_config(cfg.model, device=device)
     name = cfg.preset
     if not cfg.model_overrides:
-        return LMM.from_pretrained(name, device=device)
-    preset_cfg = _preset_config(name)
-    if preset_cfg is not None:
-        model_cfg = from_dict(LMMConfig, apply_overrides(preset_cfg.to_dict(), cfg.model_overrides))
+        return presets.load(name, device=device)
+    if name in presets.PRESETS and not (Path(name) / CONFIG_FILE).is_file():
+        model_cfg = from_dict(LMMConfig, apply_overrides(presets.preset_config(name).to_dict(), cfg.model_overrides))
         return LMM.from_config(model_cfg, device=device)
     path = Path(name)
     if not (path / CONFIG_FILE).is_file():
@@ -65,9 +51,9 @@ def build_model(cfg: TrainConfig, device: torch.device):
     # directory saved over it: the trained bridge, plus the frozen weights where the LM came from a config.
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     model = LMM.from_config(model_cfg, tokenizer=tokenizer, device=device)
-    saved = load_file(path / WEIGHTS_FILE)
+    saved = upgrade_names(load_file(path / WEIGHTS_FILE))
     if (path / FROZEN_FILE).is_file():  # frozen weights that came from no path (random-init towers)
-        frozen = load_file(path / FROZEN_FILE)
+        frozen = upgrade_names(load_file(path / FROZEN_FILE))
         if model_cfg.language.load_in_4bit:
             if model_cfg.language.path is None:
                 raise ConfigError(f"{path} holds its own randomly initialised LM; a 4-bit LM loads from a folder: "
@@ -82,9 +68,9 @@ def build_model(cfg: TrainConfig, device: torch.device):
 def copy_matching_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> list[str]:
     """Copy every named tensor of `src` into the same-named tensor of `dst` (LoRA's `base_layer.` renaming
     understood); returns the names of `dst` that received nothing (e.g. new LoRA weights)."""
-    from lmm.model import _unique_state
+    from lmm.model import unique_state
 
-    dst_state = _unique_state(dst)
+    dst_state = unique_state(dst)
     filled = set()
     with torch.no_grad():
         for name, t in src.items():
@@ -108,24 +94,27 @@ def _lora_name(name: str) -> str:
 def train(cfg: TrainConfig, evaluate: Optional[Callable] = None) -> TrainResult:
     """Run training as `cfg` says (validated first, before anything loads). Call under torchrun for
     several processes (cfg.distributed = ddp or fsdp2)."""
-    from lmm.data import build_loader
+    from lmm.data import build_loader, prepare_datasets
 
     cfg.validate()
     env = init_distributed(cfg.distributed, cfg.device)
     try:
         seed_everything(cfg.seed)  # the same initial weights on every rank
+        if env.is_main:
+            prepare_datasets(cfg.data)  # datasets that name a preparer and are not written yet
+        env.barrier()
         model = build_model(cfg, env.device)
         if cfg.frozen_cache:
-            from lmm.training.demo import cached_batches
+            from lmm.training.frozen_cache import frozen_cache_source
 
-            loader = cached_batches(cfg, model)
+            loader = frozen_cache_source(cfg, model, log=lambda m: print(m, flush=True))
         else:
             loader = build_loader(cfg.data, model.tokenizer, model.image_processor, rank=env.rank,
                                   world_size=env.world_size, pin_memory=env.device.type == "cuda")
-        if evaluate is None and cfg.eval.task == "easyvqa":
-            from lmm.training.demo import easyvqa_evaluator
+        if evaluate is None:
+            from lmm.training.evaluation import build_evaluator
 
-            evaluate = easyvqa_evaluator(cfg.eval.limit, cfg.seed, cfg.eval.batch_size, cfg.eval.blind_baseline)
+            evaluate = build_evaluator(cfg, log=lambda m: print(m, flush=True))
         return Trainer(model, cfg, loader, evaluate, env=env).fit()
     finally:
         shutdown(env)

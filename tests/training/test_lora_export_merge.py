@@ -46,7 +46,7 @@ def test_lora_run_saves_only_adapter_and_bridge_weights(lora_run, tiny_dir):
     lora = [k for k in saved if "lora_" in k]
     assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
     bridge = set(saved) - set(lora)
-    assert all(k.startswith(("resampler.", "embed.extra", "head.extra")) or ".block." in k for k in bridge), bridge
+    assert all(k.startswith(("resamplers.", "embed.extra", "head.extra")) or ".block." in k for k in bridge), bridge
     assert not any(k.endswith(("q_proj.base_layer.weight", "embed_tokens.weight")) for k in saved)
     assert any(float(saved[k].abs().max()) > 0 for k in lora if ".lora_B." in k)  # B starts at 0: it trained
     start = load_file(f"{tiny_dir}/trainable.safetensors")
