@@ -25,14 +25,21 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, Tq, dim); context: (B, Tk, context_dim); mask: bool, broadcastable to (B, 1, Tq, Tk), True = attend
-        B, Tq, _ = x.shape
-        q = self.to_q(x).view(B, Tq, self.heads, self.head_dim).transpose(1, 2)
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v), each (B, heads, Tk, head_dim), for a context (B, Tk, context_dim): reusable while it stays."""
+        B = context.shape[0]
         k, v = self.to_kv(context).chunk(2, dim=-1)
         k = k.view(B, -1, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(B, -1, self.heads, self.head_dim).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # x: (B, Tq, dim); context: (B, Tk, context_dim), or its `keys_values` as kv; mask: bool, broadcastable
+        # to (B, 1, Tq, Tk), True = attend
+        B, Tq, _ = x.shape
+        q = self.q_norm(self.to_q(x).view(B, Tq, self.heads, self.head_dim).transpose(1, 2))
+        k, v = kv if kv is not None else self.keys_values(context)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Tq, head_dim)
         return self.to_out(out.transpose(1, 2).reshape(B, Tq, self.heads * self.head_dim))
 

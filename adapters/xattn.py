@@ -38,13 +38,22 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        # media: (B, M, L, Dv); visible: bool (B, T, M) from `media_mask`
+    def forward(self, x: torch.Tensor, media: torch.Tensor, visible: torch.Tensor,
+                kv_cache: dict | None = None) -> torch.Tensor:
+        # media: (B, M, L, Dv); visible: bool (B, T, M) from `media_mask`. kv_cache: a dict the caller keeps for
+        # as long as `media` stays the same (one generation): this block's keys/values of the media are computed
+        # on the first call and read back on the next ones (decode steps), instead of projected every step.
         B, M, L, _ = media.shape
         has_media = visible.any(-1, keepdim=True)  # (B, T, 1)
         # Boolean mask shared by all heads, (B, 1, T, M*L): tokens without media attend to everything (avoids
         # NaN rows in SDPA) and their output is zeroed below.
         mask = (visible | ~has_media).repeat_interleave(L, dim=-1).unsqueeze(1)
-        attn = self.attn(self.norm(x), media.reshape(B, M * L, -1), mask)
+        context = media.reshape(B, M * L, -1)
+        kv = None
+        if kv_cache is not None:
+            kv = kv_cache.get(id(self))
+            if kv is None:
+                kv = kv_cache[id(self)] = self.attn.keys_values(context)
+        attn = self.attn(self.norm(x), context, mask, kv=kv)
         x = x + torch.tanh(self.attn_gate) * attn * has_media.to(attn.dtype)
         return x + torch.tanh(self.ff_gate) * self.ff(x)

@@ -22,6 +22,7 @@ class MediaContext:
 
     media: torch.Tensor  # (B, M, L, Dv) resampled visual tokens
     visible: torch.Tensor  # bool (B, T, M): which media each of the current T tokens may attend to
+    kv_cache: dict | None = None  # per-block media keys/values, kept by the caller across decode steps
 
 
 class FusedLayer(nn.Module):
@@ -38,7 +39,7 @@ class FusedLayer(nn.Module):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             p = next(self.block.parameters())
             out = self.block(hidden.to(p.dtype) if not torch.is_autocast_enabled() else hidden,
-                             ctx.media, ctx.visible).to(hidden.dtype)
+                             ctx.media, ctx.visible, ctx.kv_cache).to(hidden.dtype)
             if "hidden_states" in kwargs:
                 kwargs["hidden_states"] = out
             else:

@@ -144,8 +144,9 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     media_count = model.media_token_mask(input_ids).sum(1)
     with _autocast(model):
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
+        media_kv = {} if cfg.use_cache else None  # media keys/values projected once, reused by every step
         out = model(input_ids, None if unpadded else attention_mask, media=media, use_cache=cfg.use_cache,
-                    logits_to_keep=1)
+                    media_kv=media_kv, logits_to_keep=1)
         mask, raw_mask, seq = out.attention_mask, attention_mask, input_ids
         unpadded = unpadded and mask.shape == attention_mask.shape  # spliced prompts may pad: keep their mask
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -165,7 +166,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
                 pos = torch.full((B, 1), mask.shape[1] - 1, device=dev) if unpadded else None
                 out = model(nxt[:, None], None if unpadded else mask, media=media, position_ids=pos,
                             past_key_values=out.past_key_values, use_cache=True, media_offset=media_count,
-                            logits_to_keep=1, validate=False)
+                            media_kv=media_kv, logits_to_keep=1, validate=False)
             else:  # recompute everything (reference path for tests)
                 out = model(seq, raw_mask, media=media, logits_to_keep=1)
 
@@ -184,7 +185,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
     with _autocast(model):
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
         media = rep(media) if media is not None else None
-        out = model(rep(input_ids), rep(attention_mask), media=media, use_cache=True, logits_to_keep=1)
+        media_kv: dict = {}  # every beam of a row has that row's media: reordering beams leaves these valid
+        out = model(rep(input_ids), rep(attention_mask), media=media, use_cache=True, media_kv=media_kv,
+                    logits_to_keep=1)
         mask = out.attention_mask
         scores = torch.full((B, nb), float("-inf"), device=dev)
         scores[:, 0] = 0.0
@@ -225,7 +228,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
             out.past_key_values.reorder_cache(src)
             mask = torch.cat([mask[src], mask.new_ones(B * nb, 1)], 1)
             out = model(tokens[:, None], mask, media=media, past_key_values=out.past_key_values, use_cache=True,
-                        media_offset=media_count, logits_to_keep=1, validate=False)
+                        media_offset=media_count, media_kv=media_kv, logits_to_keep=1, validate=False)
         results = []
         for b in range(B):
             finals = list(done[b])

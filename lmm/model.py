@@ -318,7 +318,7 @@ class LMM(nn.Module):
                 frame_mask: torch.Tensor | None = None, media: torch.Tensor | None = None,
                 vision_features: torch.Tensor | None = None, media_inputs: dict[str, torch.Tensor] | None = None,
                 past_key_values=None, use_cache: bool = False, media_offset: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
+                media_kv: dict | None = None, logits_to_keep: int = 0, return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
                 prefix_layer: int | None = None, contrastive: bool = False, validate: bool = True) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
         None means no padding (then pass `position_ids` when decoding with a cache). `media`: already resampled
@@ -326,6 +326,8 @@ class LMM(nn.Module):
         `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from
         `prefix_hidden_states`, right padding only); the layers below are skipped (frozen-prefix caching).
         `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media).
+        `media_kv`: a dict kept by the caller while `media` stays the same (a generation): deep fusion's blocks
+        project the media to keys/values once and reuse them.
         `validate=False` skips the media-count check, the forward's only host sync (decode steps after a checked
         prefill); the deep-fusion forward then runs without waiting for the device."""
         input_ids = input_ids.to(self.device)
@@ -337,7 +339,7 @@ class LMM(nn.Module):
         x = FusionInputs(embeds=self.embed(input_ids), is_media=is_media, unpadded=attention_mask is None,
                          attention_mask=(torch.ones_like(input_ids) if attention_mask is None
                                          else attention_mask.to(self.device)),
-                         media=media, media_offset=media_offset, position_ids=position_ids,
+                         media=media, media_offset=media_offset, media_kv=media_kv, position_ids=position_ids,
                          segment_ids=None if segment_ids is None else segment_ids.to(self.device),
                          labels=None if labels is None else labels.to(self.device),
                          past_key_values=past_key_values, use_cache=use_cache)

@@ -140,3 +140,28 @@ def test_prompt_cached_scoring_equals_full_sequences(models, bridge, images):
     ref = _naive_scores(m, prompts, ims, candidates)
     for bs in (1, 2, 16):  # one prompt per forward, a padded pair, everything in one forward
         torch.testing.assert_close(m.score(prompts, ims, candidates, batch_size=bs), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_media_keys_values_are_projected_once_per_generation(images):
+    """Cached decoding projects each block's media keys/values at the prefill only; the tokens equal the
+    recomputing path's."""
+    from lmm.generation import GenerationConfig, decode_steps, prepare_inputs
+    from lmm.testing import tiny_lmm
+
+    model = tiny_lmm(gates=0.7, seed=2).eval()
+    calls = []
+    hooks = [blk.attn.to_kv.register_forward_hook(lambda *a: calls.append(1)) for blk in model.xattn_blocks()]
+    batch = prepare_inputs(model, ["<image>a photo of<image>two", "<image>what color is"],
+                           [[images[0], images[1]], [images[2]]])
+    runs = {}
+    for use_cache in (True, False):
+        calls.clear()
+        cfg = GenerationConfig(max_new_tokens=10, stop_at_end_of_chunk=False, use_cache=use_cache)
+        runs[use_cache] = (torch.stack(list(decode_steps(model, batch["input_ids"], batch["attention_mask"],
+                                                         batch["pixel_values"], cfg=cfg)), 1), len(calls))
+    for h in hooks:
+        h.remove()
+    n_blocks = len(model.xattn_blocks())
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == n_blocks  # once, at the prefill
+    assert runs[False][1] == n_blocks * 10  # the reference path recomputes them every step

@@ -34,6 +34,7 @@ class FusionInputs:
     unpadded: bool = False  # no padding anywhere: the LM builds a plain causal mask (no host sync in HF's builder)
     media: torch.Tensor | None = None  # (B, M, L, Dm) resampled media, in text order
     media_offset: torch.Tensor | None = None  # (B,) media consumed by earlier (cached) tokens
+    media_kv: dict | None = None  # deep fusion: media keys/values per block, kept across decode steps
     position_ids: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None  # (B, T) packed rows: attention stays within a segment
     labels: torch.Tensor | None = None

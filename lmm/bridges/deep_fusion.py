@@ -53,7 +53,7 @@ class DeepFusion(nn.Module):
             media_seg = torch.full((B, M + 1), -1, dtype=torch.long, device=text_idx.device)
             media_seg = media_seg.scatter(1, slot, torch.where(x.is_media, x.segment_ids, -1))[:, :M]
         visible = media_mask(text_idx, M, self.cfg.cross_attn.only_previous_image, x.segment_ids, media_seg)
-        return MediaContext(media=x.media, visible=visible)
+        return MediaContext(media=x.media, visible=visible, kv_cache=x.media_kv)
 
     def forward(self, lm: nn.Module, x: FusionInputs, prefix_hidden: torch.Tensor | None = None,
                 prefix_layer: int | None = None):
