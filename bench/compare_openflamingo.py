@@ -1,0 +1,208 @@
+"""lmm against OpenFlamingo in one process, at the same shapes and seeds: a training step and greedy decoding.
+
+    pip install --no-deps open-flamingo einops einops-exts     # the peer (it pins old versions: no deps)
+    python bench/compare_openflamingo.py --shape mid            # CPU (2 threads)
+    python bench/compare_openflamingo.py --shape 3b --device cuda
+
+Both models: a random open_clip ViT-B-32 (224 px, 49 patch tokens), a random Llama decoder, a perceiver of
+6 x 64 latents (8 heads x 64) and a gated cross-attention block before every decoder layer (8 heads x 64,
+FFN x4). OpenFlamingo is built from its own classes (`Flamingo`, `FlamingoLMMixin`) and trains its input
+embeddings too, as its factory does by default. Its `generate()` fails on transformers 5 (the mixin's forward
+gets no attention_mask), so its decoding runs the way `generate` would: media encoded once (cached-media mode),
+then a plain greedy loop over its language model with the KV cache. Runs alternate (lmm, OF, lmm, OF ...);
+medians are reported. Prints one JSON line with both sides and the ratios (lmm speed / OpenFlamingo speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    # the issue's CPU shape: Llama hidden 512 x 8 layers x 8 heads, intermediate 1376, vocab 32000
+    "mid": dict(hidden=512, layers=8, heads=8, inter=1376, vocab=32000, batch=4, images=2, tokens=128,
+                prompt=31, new_tokens=32),
+    "3b": dict(hidden=2048, layers=24, heads=16, inter=5632, vocab=50280, batch=16, images=5, tokens=256,
+               prompt=31, new_tokens=64),
+}
+
+
+def llama_config(s: dict) -> dict:
+    return {"model_type": "llama", "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"], "intermediate_size": s["inter"],
+            "vocab_size": s["vocab"], "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+
+def build_lmm(s: dict, device: str, dtype: str):
+    from lmm.config import BridgeConfig, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig, VisionConfig
+    from lmm.model import LMM
+    from lmm.testing import tiny_tokenizer
+
+    cfg = LMMConfig(vision=VisionConfig(name="ViT-B-32", include_cls=False),
+                    language=LanguageConfig(hf_config=llama_config(s)),
+                    bridge=BridgeConfig(perceiver=PerceiverConfig(num_latents=64, depth=6, heads=8, head_dim=64),
+                                        cross_attn=CrossAttnConfig(every=1, heads=8, head_dim=64, ff_mult=4)),
+                    dtype=dtype)
+    torch.manual_seed(0)
+    return LMM.from_config(cfg, tokenizer=tiny_tokenizer(), device=device)
+
+
+def build_openflamingo(s: dict, device: str, dtype: torch.dtype, media_id: int, eoc_id: int):
+    import open_clip
+    from open_flamingo.src.flamingo import Flamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32")
+    clip.visual.output_tokens = True
+    c = dict(llama_config(s))
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name("model.layers")
+    model = Flamingo(clip, lm, eoc_id, media_id, vis_dim=open_clip.get_model_config("ViT-B-32")["vision_cfg"]["width"],
+                     cross_attn_every_n_layers=1)
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)  # its factory's default
+    model.vision_encoder.to(dtype)
+    for n, p in model.lang_encoder.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model.to(device)
+
+
+def batch(s: dict, media_id: int, eoc_id: int, device: str, rows: int, tokens: int, images: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(402, s["vocab"] - 8, (rows, tokens), generator=g)
+    chunk = tokens // images
+    for k in range(images):
+        ids[:, k * chunk] = media_id
+        if k:
+            ids[:, k * chunk - 1] = eoc_id
+    pix = torch.randn(rows, images, 1, 3, 224, 224, generator=g)
+    return ids.to(device), torch.ones_like(ids).to(device), pix.to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="mid", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-train", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    s, dev = SHAPES[args.shape], args.device
+    cuda = dev.startswith("cuda")
+    low = torch.bfloat16 if cuda else torch.float32
+    from lmm.generation import GenerationConfig, decode_steps
+    from lmm.runtime import enable_tf32
+
+    enable_tf32()
+    ours = build_lmm(s, dev, "auto")
+    media_id, eoc_id = ours.image_token_id, ours.eoc_token_id
+    peer = build_openflamingo(s, dev, low, media_id, eoc_id)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    out = {"bench": "compare_openflamingo", "shape": args.shape, "device": dev,
+           "device_name": torch.cuda.get_device_name() if cuda else "cpu", "threads": args.threads,
+           "trainable_params_m": {"lmm": sum(p.numel() for p in ours.trainable_parameters()) / 1e6,
+                                  "openflamingo": sum(p.numel() for p in peer.parameters() if p.requires_grad) / 1e6}}
+
+    # ---- training step
+    if not args.skip_train:
+        ids, mask, pix = batch(s, media_id, eoc_id, dev, s["batch"], s["tokens"], s["images"])
+        labels = ids.masked_fill(ids == media_id, -100)
+        opt_ours = torch.optim.AdamW(ours.trainable_parameters(), lr=1e-5)
+        opt_peer = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-5)
+        ours.train()
+        peer.train()
+
+        def step_ours():
+            with amp:
+                loss = ours(ids, mask, pixel_values=pix, labels=labels, return_logits=False).loss
+            loss.backward()
+            opt_ours.step()
+            opt_ours.zero_grad(set_to_none=True)
+
+        def step_peer():
+            with amp:
+                loss = peer(vision_x=pix.to(low), lang_x=ids, attention_mask=mask, labels=labels)[0]
+            loss.backward()
+            opt_peer.step()
+            opt_peer.zero_grad(set_to_none=True)
+
+        step_ours(), step_peer()  # warm-up
+        t_ours, t_peer = [], []
+        for _ in range(args.repeats):
+            t_ours.append(timed(step_ours, dev))
+            t_peer.append(timed(step_peer, dev))
+        out["train_step_s"] = {"lmm": statistics.median(t_ours), "openflamingo": statistics.median(t_peer)}
+        out["train_speedup"] = out["train_step_s"]["openflamingo"] / out["train_step_s"]["lmm"]
+
+    # ---- greedy decoding: 1 image + prompt, new_tokens tokens, batch 1 and 8
+    ours.eval()
+    peer.eval()
+    n_new = s["new_tokens"]
+
+    @torch.no_grad()
+    def decode_ours(ids, mask, pix):
+        cfg = GenerationConfig(max_new_tokens=n_new, stop_at_end_of_chunk=False)
+        with amp:
+            toks = list(decode_steps(ours, ids, mask, pix, cfg=cfg))
+        return torch.stack(toks, 1)
+
+    @torch.no_grad()
+    def decode_peer(ids, mask, pix):
+        lang = peer.lang_encoder
+        with amp:
+            peer._encode_vision_x(vision_x=pix.to(low))  # media encoded once, as its generate() does
+            lang._use_cached_vision_x = True
+            res = lang(input_ids=ids, attention_mask=mask, use_cache=True)
+            toks = []
+            for _ in range(n_new):
+                nxt = res.logits[:, -1].float().argmax(-1, keepdim=True)
+                toks.append(nxt)
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                res = lang(input_ids=nxt, attention_mask=mask, past_key_values=res.past_key_values, use_cache=True)
+            lang._use_cached_vision_x = False
+            lang.clear_conditioned_layers()
+        return torch.cat(toks, 1)
+
+    for rows in (1, 8):
+        ids, mask, pix = batch(s, media_id, eoc_id, dev, rows, s["prompt"] + 1, 1)
+        decode_ours(ids, mask, pix), decode_peer(ids, mask, pix)  # warm-up
+        t_ours, t_peer, n_ours = [], [], None
+        for _ in range(args.repeats):
+            t_ours.append(timed(lambda: decode_ours(ids, mask, pix), dev))
+            n_ours = decode_ours(ids, mask, pix).shape[1] if n_ours is None else n_ours
+            t_peer.append(timed(lambda: decode_peer(ids, mask, pix), dev))
+        tps_ours = rows * n_ours / statistics.median(t_ours)
+        tps_peer = rows * n_new / statistics.median(t_peer)
+        out[f"decode_b{rows}_tokens_per_s"] = {"lmm": tps_ours, "openflamingo": tps_peer}
+        out[f"decode_b{rows}_speedup"] = tps_ours / tps_peer
+    out["torch"] = torch.__version__
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
