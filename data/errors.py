@@ -13,7 +13,9 @@ logger = logging.getLogger("lmm.data")
 
 # The reasons a sample can be skipped for (the keys of the counts a run reports).
 REASONS = {
-    "corrupt_image": "an image that PIL cannot decode (bad or truncated bytes)",
+    "corrupt_image": "an image that PIL cannot decode (bad or truncated bytes, bad base64)",
+    "image_too_large": "an image (or video frame) with more pixels than LMM_MAX_IMAGE_PIXELS (read from its header)",
+    "member_too_large": "a shard member or media file bigger than LMM_MAX_MEMBER_BYTES (not read)",
     "empty_image": "a zero-byte image",
     "missing_image": "an image file or field that is not there (or a URL: nothing is downloaded)",
     "corrupt_video": "a video that PyAV cannot decode, or one without frames",
@@ -23,7 +25,7 @@ REASONS = {
     "image_count_mismatch": "more <image> markers in a conversation than images",
     "no_images": "an interleaved/pair/video sample whose images were all filtered out",
     "too_long": "nothing left to learn from after truncating to data.max_tokens",
-    "bad_record": "a record that does not parse (bad JSON, unknown layout)",
+    "bad_record": "a record that does not parse (bad JSON, unknown layout, a field of the wrong type)",
     "truncated_shard": "a shard that ends early or cannot be read (what was read before is kept)",
 }
 
@@ -50,8 +52,7 @@ class BadSampleCounter:
     def add(self, err: BadSample, key: str = "", source: str = "") -> None:
         self.counts[err.reason] += 1
         if self.log:
-            logger.warning("skipping sample %s%s (%s)", key or err.key or "?",
-                           f" from {source}" if source else "", err)
+            logger.warning("skipping sample %s%s (%s)", key or err.key or "?", f" from {source}" if source else "", err)
 
     def state_dict(self) -> dict:
         return dict(self.counts)

@@ -10,23 +10,36 @@ Supported layouts (`detect_format` picks one when the config says `auto`):
 
 Media stay undecoded here (`MediaRef`); `data.stream` decodes them, so parsing is cheap and a bad
 image is counted as such rather than as a bad record.
+
+Records are untrusted: a field of the wrong type (a number where a list belongs, a non-numeric
+`matched_sim`, a string where a conversation part belongs), JSON nested too deeply or text that is not valid
+Unicode is a BadSample("bad_record") naming the field, never an exception that ends a run.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from lmm.tokens import IMAGE_TOKEN
 
 from .errors import BadSample
 from .video import VIDEO_EXTENSIONS
 
+TOO_LARGE_KEY = "__too_large__"  # set by the shard reader: members over LMM_MAX_MEMBER_BYTES, left unread
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image", "img")
 TEXT_KEYS = ("txt", "caption", "text")
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-              "model": "assistant", "bot": "assistant", "system": "system"}
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -48,7 +61,7 @@ class Sample:
 
     key: str
     kind: str  # "document" | "conversation"
-    parts: list[Union[str, MediaRef]] = field(default_factory=list)
+    parts: list[str | MediaRef] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     media: list[MediaRef] = field(default_factory=list)
 
@@ -64,17 +77,60 @@ def _text(value) -> str:
         return ""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", errors="replace")
-    return str(value)
+    if isinstance(value, (dict, list, tuple)):
+        raise BadSample("bad_record", f"expected text, got a {type(value).__name__}")
+    text = str(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadSample("bad_record", "text is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+def _list(record: dict, name: str, key: str) -> list:
+    """A list field (None/missing -> []); anything else is a bad record."""
+    value = record.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise BadSample("bad_record", f"{name!r} must be a list, got a {type(value).__name__}", key)
+    return list(value)
+
+
+def _float(info: dict, name: str, key: str) -> float:
+    value = info[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadSample("bad_record", f"{name} must be a number, got a {type(value).__name__}", key)
+    try:
+        return float(value)
+    except ValueError:
+        raise BadSample("bad_record", f"{name} must be a number, got {str(value)[:40]!r}", key) from None
+
+
+def _index(info: dict, name: str, key: str) -> int:
+    value = info.get(name, 0)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 20:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadSample("bad_record", f"{name} must be a whole number, got {str(value)[:40]!r}", key)
+    return value
 
 
 def normalize_record(record: dict) -> dict:
     """Webdataset samples hold bytes per extension: decode `json` (merged in) and text fields."""
     out = dict(record)
+    if out.get(TOO_LARGE_KEY):  # members the shard reader refused to read (data.sources.read_tar)
+        raise BadSample("member_too_large", f"not read: {', '.join(out[TOO_LARGE_KEY])}")
     if isinstance(out.get("json"), (bytes, bytearray, str)):
         try:
             meta = json.loads(out["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadSample("bad_record", f"json does not parse: {e}") from None
+        except RecursionError:
+            raise BadSample("bad_record", "json is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as e:  # also a number with too many digits
+            raise BadSample("bad_record", f"json does not parse: {str(e)[:200]}") from None
         out["json"] = meta
         if isinstance(meta, dict):
             for k, v in meta.items():
@@ -97,7 +153,7 @@ def detect_format(record: dict) -> str:
     return "pair"
 
 
-def _first(record: dict, keys, override: Optional[str] = None):
+def _first(record: dict, keys, override: str | None = None):
     if override:
         return record.get(override)
     for k in keys:
@@ -110,8 +166,11 @@ def parse_pair(record: dict, key: str, image_key=None, text_key=None, media_kind
     media_keys = IMAGE_KEYS if media_kind == "image" else VIDEO_EXTENSIONS + ("video",)
     media = _first(record, media_keys, image_key)
     if media is None:
-        raise BadSample("missing_image" if media_kind == "image" else "missing_video", "record has no "
-                        f"{'/'.join(media_keys)} field", key)
+        raise BadSample(
+            "missing_image" if media_kind == "image" else "missing_video",
+            f"record has no {'/'.join(media_keys)} field",
+            key,
+        )
     text = _text(_first(record, TEXT_KEYS + ("name",), text_key)).strip()
     if not text:
         raise BadSample("empty_text", "empty caption", key)
@@ -119,14 +178,14 @@ def parse_pair(record: dict, key: str, image_key=None, text_key=None, media_kind
 
 
 def parse_mmc4(record: dict, key: str, min_similarity: float = 0.0) -> Sample:
-    texts = record.get("text_list") or []
+    texts = _list(record, "text_list", key)
     at: dict[int, list[MediaRef]] = {}
-    for info in record.get("image_info") or []:
+    for info in _list(record, "image_info", key):
         if not isinstance(info, dict):
             raise BadSample("bad_record", "image_info entries must be objects", key)
-        if info.get("matched_sim") is not None and float(info["matched_sim"]) < min_similarity:
+        if info.get("matched_sim") is not None and _float(info, "matched_sim", key) < min_similarity:
             continue
-        idx = int(info.get("matched_text_index", 0))
+        idx = _index(info, "matched_text_index", key)
         # the image itself: an `image` field, else the info dict (bytes / image_base64 / image_name)
         at.setdefault(idx, []).append(MediaRef(info["image"] if info.get("image") is not None else info))
     parts: list = []
@@ -140,7 +199,7 @@ def parse_mmc4(record: dict, key: str, min_similarity: float = 0.0) -> Sample:
 
 
 def parse_obelics(record: dict, key: str) -> Sample:
-    texts, images = record.get("texts") or [], record.get("images") or []
+    texts, images = _list(record, "texts", key), _list(record, "images", key)
     if len(texts) != len(images):
         raise BadSample("bad_record", f"texts ({len(texts)}) and images ({len(images)}) differ in length", key)
     parts: list = []
@@ -165,8 +224,11 @@ def parse_conversation(record: dict, key: str, image_key=None) -> Sample:
     if not isinstance(turns, list) or not turns:
         raise BadSample("bad_record", "no conversation turns", key)
     images: list = []
-    field_images = record.get(image_key) if image_key else (
-        record.get("images") if record.get("images") is not None else record.get("image"))
+    field_images = (
+        record.get(image_key)
+        if image_key
+        else (record.get("images") if record.get("images") is not None else record.get("image"))
+    )
     if field_images is None:  # webdataset: the image travels as its own member (jpg/png/...)
         field_images = _first(record, IMAGE_KEYS[:4])
     if field_images is not None:
@@ -182,6 +244,10 @@ def parse_conversation(record: dict, key: str, image_key=None) -> Sample:
         if isinstance(content, list):  # OpenAI-style parts
             pieces = []
             for p in content:
+                if not isinstance(p, dict):
+                    raise BadSample(
+                        "bad_record", f"a conversation part is a {type(p).__name__}, not an object with a 'type'", key
+                    )
                 if p.get("type") == "text":
                     pieces.append(_text(p.get("text")))
                 elif p.get("type") in ("image", "image_url"):
@@ -192,6 +258,8 @@ def parse_conversation(record: dict, key: str, image_key=None) -> Sample:
                     if ref is not None:
                         part_images.append(ref)
             content = "".join(pieces)
+        elif content is not None and not isinstance(content, (str, bytes, int, float)):  # "value": 3 is text
+            raise BadSample("bad_record", f"a turn's content is a {type(content).__name__}, not text or parts", key)
         messages.append({"role": role, "content": _text(content)})
     images = images or part_images
     n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
@@ -207,9 +275,29 @@ def parse_conversation(record: dict, key: str, image_key=None) -> Sample:
     return Sample(key=key, kind="conversation", messages=messages, media=[MediaRef(v) for v in images])
 
 
-def parse_record(record: dict, fmt: str = "auto", key: str = "", image_key=None, text_key=None,
-                 min_similarity: float = 0.0) -> Sample:
-    """Any supported record -> Sample (BadSample on anything unusable)."""
+def parse_record(
+    record: dict, fmt: str = "auto", key: str = "", image_key=None, text_key=None, min_similarity: float = 0.0
+) -> Sample:
+    """Any supported record -> Sample (BadSample on anything unusable, never another exception for a
+    record's content: a record of the wrong shape is a counted bad_record, not the end of a run)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    try:
+        return _parse(record, fmt, key, image_key, text_key, min_similarity)
+    except BadSample as e:
+        if not e.key:
+            e.key = key
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, UnicodeError) as e:
+        raise BadSample("bad_record", f"{type(e).__name__}: {str(e)[:200]}", key) from None
+
+
+FORMATS = ("auto", "pair", "video", "mmc4", "obelics", "conversation")
+
+
+def _parse(record, fmt, key, image_key, text_key, min_similarity) -> Sample:
+    if not isinstance(record, dict):
+        raise BadSample("bad_record", f"a record must be an object, got a {type(record).__name__}", key)
     record = normalize_record(record)
     fmt = detect_format(record) if fmt == "auto" else fmt
     if fmt == "pair":

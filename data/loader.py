@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import Counter
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -38,8 +38,17 @@ STATE_VERSION = 1
 class ReaderPipeline:
     """What one reader does: curriculum stage -> mixture draw -> dataset stream -> rows -> batch."""
 
-    def __init__(self, cfg: DataConfig, encoder: SampleEncoder, sources: dict, reader: int, readers: int,
-                 worker: int, workers: int, state: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        encoder: SampleEncoder,
+        sources: dict,
+        reader: int,
+        readers: int,
+        worker: int,
+        workers: int,
+        state: dict | None = None,
+    ):
         self.cfg, self.encoder, self.sources = cfg, encoder, sources
         self.reader, self.readers, self.worker, self.workers = reader, readers, worker, workers
         self.stages = cfg.resolved_stages()
@@ -62,8 +71,15 @@ class ReaderPipeline:
     def snapshot(self) -> dict:
         datasets = copy.deepcopy(self.saved)
         datasets.update({name: s.state_dict() for name, s in self.streams.items()})
-        return {"version": STATE_VERSION, "batches": self.batches, "draws": self.draws, "stage": self.stage,
-                "datasets": datasets, "exhausted": sorted(self.exhausted), "bad": dict(self.counter.counts)}
+        return {
+            "version": STATE_VERSION,
+            "batches": self.batches,
+            "draws": self.draws,
+            "stage": self.stage,
+            "datasets": datasets,
+            "exhausted": sorted(self.exhausted),
+            "bad": dict(self.counter.counts),
+        }
 
     def _restore(self, snap: dict) -> None:
         self.draws, self.saved = snap["draws"], copy.deepcopy(snap["datasets"])
@@ -71,7 +87,7 @@ class ReaderPipeline:
         self.counter.counts = Counter(snap["bad"])
         self._set_stage(snap["stage"])
 
-    def _set_stage(self, stage: Optional[int]) -> None:
+    def _set_stage(self, stage: int | None) -> None:
         self.stage = stage
         if stage is None:
             return
@@ -85,8 +101,17 @@ class ReaderPipeline:
         name = dcfg.display_name()
         if name not in self.streams:
             self.streams[name] = DatasetStream(
-                dcfg, self.sources[name], self.encoder, self.task_names.index(name), self.reader, self.readers,
-                self.counter, self.cfg.epochs, self.cfg.seed, self.saved.pop(name, None))
+                dcfg,
+                self.sources[name],
+                self.encoder,
+                self.task_names.index(name),
+                self.reader,
+                self.readers,
+                self.counter,
+                self.cfg.epochs,
+                self.cfg.seed,
+                self.saved.pop(name, None),
+            )
         return self.streams[name]
 
     # ------------------------------------------------------------------ drawing
@@ -108,7 +133,7 @@ class ReaderPipeline:
             self.mixture.exhaust(i)
             self.exhausted.add(datasets[i].display_name())
 
-    def _rows(self) -> tuple[list, Optional[dict]]:
+    def _rows(self) -> tuple[list, dict | None]:
         """The next batch's rows and the state to resume after it (before a sample left pending)."""
         B = self.cfg.batch_size
         if not self.cfg.packing:
@@ -129,11 +154,10 @@ class ReaderPipeline:
                     return rows, item[1]
             cur.append(item[0])
 
-    def batches_iter(self) -> Iterator[tuple[Optional[dict], dict]]:
+    def batches_iter(self) -> Iterator[tuple[dict | None, dict]]:
         """(batch, state after it) until the curriculum or the data ends; then (None, final state),
         so that bad samples read after the last batch are still reported."""
-        for item in self._batches():
-            yield item
+        yield from self._batches()
         yield None, self.snapshot()
 
     def _batches(self) -> Iterator[tuple[dict, dict]]:
@@ -170,8 +194,16 @@ class _ReaderDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.offset) % self.workers
-        pipe = ReaderPipeline(self.cfg, self.encoder, self.sources, self.rank * self.workers + logical,
-                              self.world_size * self.workers, logical, self.workers, self.states.get(logical))
+        pipe = ReaderPipeline(
+            self.cfg,
+            self.encoder,
+            self.sources,
+            self.rank * self.workers + logical,
+            self.world_size * self.workers,
+            logical,
+            self.workers,
+            self.states.get(logical),
+        )
         for batch, state in pipe.batches_iter():
             yield batch, logical, state
 
@@ -182,16 +214,25 @@ class LMMLoader:
     Every `iter(loader)` continues from the batches handed out so far (or from a loaded state).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, image_transform: Callable, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False, probe: bool = True):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        image_transform: Callable,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+        probe: bool = True,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.cfg, self.rank, self.world_size, self.pin_memory = cfg, rank, world_size, pin_memory
         self.stages = cfg.resolved_stages()
         self.task_names = cfg.task_names()
         self.loss_weights = cfg.loss_weights()
-        self.encoder = SampleEncoder(tokenizer, image_transform, cfg.max_tokens, cfg.max_images,
-                                     cfg.too_many_images, cfg.num_frames)
+        self.encoder = SampleEncoder(
+            tokenizer, image_transform, cfg.max_tokens, cfg.max_images, cfg.too_many_images, cfg.num_frames
+        )
         self.sources = {}
         for stage in self.stages:
             for d in stage.datasets:
@@ -204,11 +245,18 @@ class LMMLoader:
         self._states: dict = {}
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = _ReaderDataset(self.cfg, self.encoder, self.sources, self.rank, self.world_size, self.workers,
-                                 copy.deepcopy(self._states), self._consumed % self.workers)
+        dataset = _ReaderDataset(
+            self.cfg,
+            self.encoder,
+            self.sources,
+            self.rank,
+            self.world_size,
+            self.workers,
+            copy.deepcopy(self._states),
+            self._consumed % self.workers,
+        )
         extra = dict(prefetch_factor=self.cfg.prefetch_factor) if self.cfg.num_workers > 0 else {}
-        dl = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory,
-                        **extra)
+        dl = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory, **extra)
         for batch, logical, state in dl:
             self._states[int(logical)] = state
             if batch is None:  # a worker's end-of-data marker: only its final counts
@@ -218,16 +266,24 @@ class LMMLoader:
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the batches handed out so far (small; JSON-able)."""
-        return {"version": STATE_VERSION, "consumed": self._consumed, "workers": self.workers,
-                "rank": self.rank, "world_size": self.world_size, "readers": copy.deepcopy(self._states)}
+        return {
+            "version": STATE_VERSION,
+            "consumed": self._consumed,
+            "workers": self.workers,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "readers": copy.deepcopy(self._states),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
         if state["workers"] != self.workers or state["world_size"] != self.world_size:
-            raise ValueError(f"data state was saved with world_size={state['world_size']} x "
-                             f"num_workers={state['workers']}; resume with the same (now {self.world_size} x "
-                             f"{self.workers}) or the sample order cannot continue exactly")
+            raise ValueError(
+                f"data state was saved with world_size={state['world_size']} x "
+                f"num_workers={state['workers']}; resume with the same (now {self.world_size} x "
+                f"{self.workers}) or the sample order cannot continue exactly"
+            )
         self._consumed = state["consumed"]
         self._states = {int(k): copy.deepcopy(v) for k, v in state["readers"].items()}
 
@@ -267,13 +323,16 @@ def probe_dataset(dcfg, source, encoder: SampleEncoder, records: int = 32) -> No
             counter.add(e, key=key)
         if seen >= records:
             break
-    raise DataError(f"dataset {dcfg.display_name()!r} ({dcfg.path}): none of its first {seen} records is usable "
-                    f"({dict(counter.counts) or 'no records'}); check `format`, `image_key`/`text_key`, "
-                    f"`image_root` and max_tokens")
+    raise DataError(
+        f"dataset {dcfg.display_name()!r} ({dcfg.path}): none of its first {seen} records is usable "
+        f"({dict(counter.counts) or 'no records'}); check `format`, `image_key`/`text_key`, "
+        f"`image_root` and max_tokens"
+    )
 
 
-def build_loader(cfg: DataConfig, tokenizer, image_transform: Callable, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> LMMLoader:
+def build_loader(
+    cfg: DataConfig, tokenizer, image_transform: Callable, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> LMMLoader:
     """The resumable training loader for `cfg` (see the module docstring)."""
     if cfg.num_workers > 0:  # forked workers and a tokenizer's own threads deadlock: let the workers parallelise
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Callable, Iterator, Optional
+import re
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -54,15 +55,18 @@ def detect_source(path: str) -> str:
         for ext, kind in ((".tar", "webdataset"), *HF_BUILDERS.items()):
             if any(n.endswith(ext) for n in names):
                 return kind
-        raise DataError(f"{path}: cannot tell the format of this folder (no .tar/.parquet/.json/.jsonl/.arrow "
-                        "files, not a save_to_disk folder); set `source:` explicitly")
+        raise DataError(
+            f"{path}: cannot tell the format of this folder (no .tar/.parquet/.json/.jsonl/.arrow "
+            "files, not a save_to_disk folder); set `source:` explicitly"
+        )
     if ".tar" in p:
         return "webdataset"
     for ext, kind in HF_BUILDERS.items():  # also matches brace patterns like part-{0..3}.parquet
         if ext in os.path.basename(p):
             return kind
-    raise DataError(f"{path}: cannot tell the source from the name; set `source:` to one of "
-                    "webdataset, parquet, json, arrow, disk")
+    raise DataError(
+        f"{path}: cannot tell the source from the name; set `source:` to one of webdataset, parquet, json, arrow, disk"
+    )
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -81,7 +85,7 @@ class ShardSource:
     def __len__(self):  # shards, not records
         return len(self.files)
 
-    def iter_records(self, epoch: int, g: int, G: int, cursor: Optional[dict], on_error) -> Iterator:
+    def iter_records(self, epoch: int, g: int, G: int, cursor: dict | None, on_error) -> Iterator:
         order = [self.files[i] for i in epoch_order(len(self.files), self.seed, epoch, self.shuffle)]
         mine, stride, offset = (order[g::G], 1, 0) if len(order) >= G else (order, G, g)
         cursor = cursor or {"shard": 0, "record": 0}
@@ -119,7 +123,7 @@ class TableSource:
     def __len__(self):
         return len(self.table)
 
-    def iter_records(self, epoch: int, g: int, G: int, cursor: Optional[dict], on_error) -> Iterator:
+    def iter_records(self, epoch: int, g: int, G: int, cursor: dict | None, on_error) -> Iterator:
         rows = epoch_order(len(self.table), self.seed, epoch, self.shuffle)[g::G]
         for pos in range((cursor or {"row": 0})["row"], len(rows)):
             yield f"{self.name}:{rows[pos]}", self.table[rows[pos]], {"row": pos + 1}
@@ -132,17 +136,53 @@ class TableSource:
 # --------------------------------------------------------------------------- readers
 
 
-def read_tar(path: str, on_error) -> Iterator[tuple[str, dict]]:
-    """(key, {ext: bytes}) per sample of a webdataset tar; read errors go to `on_error` (shard stops)."""
-    import webdataset as wds
+_TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split: "dir/key" + "ext.ext2"
+_TAR_META = re.compile(r"__[^/]*__($|/)")
 
-    def handler(exn):
-        on_error(exn, path)
-        return True
 
-    for sample in wds.tarfile_samples([{"url": path}], handler=handler):
-        key = sample.pop("__key__")
-        yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
+def read_tar(path: str, on_error, max_member_bytes: int | None = None) -> Iterator[tuple[str, dict]]:
+    """(key, {ext: bytes}) per sample of a webdataset tar, grouped as webdataset groups them; read errors go
+    to `on_error` (the shard stops there, what was read is kept).
+
+    A member's size is read from its tar header before its data: one over `max_member_bytes` (default
+    LMM_MAX_MEMBER_BYTES, 256 MiB) is never read (a 10 KB sparse tar can declare a 1 GiB member); its sample
+    carries the names under `TOO_LARGE_KEY`, which `parse_record` counts as member_too_large."""
+    import tarfile
+
+    from .formats import TOO_LARGE_KEY
+    from .media import max_member_bytes as default_limit
+
+    limit = default_limit() if max_member_bytes is None else max_member_bytes
+    key, sample, seen = None, None, set()
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for info in tf:
+                tf.members = []  # streaming: do not keep every header of the shard
+                if not info.isreg():
+                    continue
+                name = info.name
+                if ("/" not in name and name.startswith("__") and name.endswith("__")) or _TAR_META.match(name):
+                    continue
+                m = _TAR_KEY.match(name)
+                if not m:
+                    continue
+                prefix, ext = m.group(1), m.group(2).lower()
+                if prefix != key:
+                    if sample:
+                        yield key, sample
+                    key, sample, seen = prefix, {}, set()
+                if ext in seen:
+                    on_error(ValueError(f"{name}: duplicate file name in tar file"), path)
+                    continue
+                seen.add(ext)
+                if info.size > limit:
+                    sample.setdefault(TOO_LARGE_KEY, []).append(f"{ext} ({info.size} bytes > {limit})")
+                    continue
+                sample[ext] = tf.extractfile(info).read()
+    except Exception as e:  # a truncated or damaged shard (tarfile.ReadError, EOFError, zlib.error, OSError ...)
+        on_error(e, path)
+    if sample:
+        yield key, sample
 
 
 def _undecoded(ds):
@@ -186,8 +226,9 @@ def load_table(kind: str, files: list[str], split: str):
                     raise DataError(f"{files[0]} has splits {list(ds)}; set `split:` to one of them")
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(HF_BUILDERS.get(os.path.splitext(files[0])[1], kind), data_files=files,
-                                       split="train")
+            ds = datasets.load_dataset(
+                HF_BUILDERS.get(os.path.splitext(files[0])[1], kind), data_files=files, split="train"
+            )
     except DataError:
         raise
     except Exception as e:

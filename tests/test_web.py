@@ -13,9 +13,10 @@ selenium = pytest.importorskip("selenium", reason="selenium is not installed (pi
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium "
-                                       "chromium-driver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver",
+)
 MAX_NEW = 12
 
 
@@ -33,8 +34,18 @@ def page_url(saved, tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("weblog") / "web.log"
-    cmd = [str(Path(sys.executable).with_name("lmm")), "web", "--model", str(model_dir), "--port", str(port),
-           "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
+    cmd = [
+        str(Path(sys.executable).with_name("lmm")),
+        "web",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--device",
+        "cpu",
+    ]
     url = f"http://127.0.0.1:{port}/"
     with running_server(cmd, url, log):
         yield url
@@ -48,10 +59,19 @@ def browser(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1200,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
@@ -74,8 +94,9 @@ def ask(driver, text: str, n_answers: int, timeout: float = 90) -> str:
     box = driver.find_element(By.CSS_SELECTOR, "#lmm-input textarea")
     box.send_keys(text)
     box.send_keys(Keys.ENTER)
-    WebDriverWait(driver, timeout).until(lambda d: len(bot_texts(d)) >= n_answers and d.find_element(
-        By.CSS_SELECTOR, "#lmm-input textarea").is_enabled())
+    WebDriverWait(driver, timeout).until(
+        lambda d: len(bot_texts(d)) >= n_answers and d.find_element(By.CSS_SELECTOR, "#lmm-input textarea").is_enabled()
+    )
     return bot_texts(driver)[n_answers - 1]
 
 

@@ -1,6 +1,10 @@
 """Request batching: one worker thread owns the model; it gathers the requests that arrive within a few
 milliseconds (or that queued up while it was busy) and answers all those with the same generation settings
-in ONE batched `model.chat` call. Streamed requests are decoded one at a time on the same worker."""
+in ONE batched `model.chat` call. Streamed requests are decoded one at a time on the same worker.
+
+Failures stay with their request: when a batched call fails, each of its requests is answered alone, so one
+request whose input breaks preprocessing or generation fails by itself and the others get the answers they
+would get alone. A job cancelled before the worker reaches it (its client went away) is never run."""
 
 from __future__ import annotations
 
@@ -33,16 +37,28 @@ class Batcher:
     """`generate(conversations, settings) -> answers` and `stream(conversation, settings) -> pieces` run on
     the worker thread only, so the model is never used by two threads at once."""
 
-    def __init__(self, generate: Callable[[list, object], list[str]], stream: Callable[[list, object], Iterator[str]],
-                 max_batch_size: int = 16, max_wait_ms: float = 10.0):
+    def __init__(
+        self,
+        generate: Callable[[list, object], list[str]],
+        stream: Callable[[list, object], Iterator[str]],
+        max_batch_size: int = 16,
+        max_wait_ms: float = 10.0,
+    ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._generate, self._stream = generate, stream
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
-        self._stats = {"requests": 0, "forward_batches": 0, "batched_requests": 0, "largest_batch": 0,
-                       "streams": 0, "errors": 0}
+        self._stats = {
+            "requests": 0,
+            "forward_batches": 0,
+            "batched_requests": 0,
+            "largest_batch": 0,
+            "streams": 0,
+            "errors": 0,
+            "cancelled": 0,
+        }
         self._thread = threading.Thread(target=self._loop, name="lmm-batcher", daemon=True)
         self._thread.start()
 
@@ -53,6 +69,15 @@ class Batcher:
             self._stats["requests"] += 1
         self._queue.put(job)
         return job
+
+    def cancel(self, job: Job) -> bool:
+        """Drop a job whose answer no one will read; True when it had not started (it never will)."""
+        job.cancelled.set()
+        dropped = job.future.cancel()
+        if dropped:
+            with self._lock:
+                self._stats["cancelled"] += 1
+        return dropped
 
     def stats(self) -> dict:
         """Counts so far: requests, forward_batches (batched generate calls + streams), largest_batch ..."""
@@ -87,7 +112,12 @@ class Batcher:
                 return
 
     def _run(self, jobs: list[Job]) -> None:
-        live = [j for j in jobs if not j.cancelled.is_set() and j.future.set_running_or_notify_cancel()]
+        live = []
+        for j in jobs:
+            if j.cancelled.is_set() and not j.future.cancelled():
+                self.cancel(j)  # e.g. a stream whose client left before it started
+            if j.future.set_running_or_notify_cancel():
+                live.append(j)
         groups: dict[object, list[Job]] = {}
         for j in live:
             if j.on_piece is not None:
@@ -115,18 +145,17 @@ class Batcher:
         t = time.perf_counter()
         try:
             answers = self._generate([j.conversation for j in group], group[0].settings)
-        except ValueError as e:
-            if len(group) == 1:
-                self._fail(group[0], e)
+            if len(answers) != len(group):
+                raise RuntimeError(f"{len(answers)} answers for {len(group)} requests")
+        except Exception as e:  # MemoryError too: one request's huge input must not fail the others
+            if len(group) > 1:
+                log.info("batch of %d failed (%s); answering each request alone", len(group), type(e).__name__)
+                for j in group:
+                    self._run_group([j])
                 return
-            log.info("batch of %d failed (%s); answering each request alone", len(group), e)
-            for j in group:
-                self._run_group([j])
-            return
-        except Exception as e:
-            log.exception("generation failed")
-            for j in group:
-                self._fail(j, e)
+            if not isinstance(e, ValueError):  # ValueError: the request's own fault, answered as a 400
+                log.exception("generation failed")
+            self._fail(group[0], e)
             return
         log.debug("batch of %d answered in %.3fs", len(group), time.perf_counter() - t)
         for j, a in zip(group, answers):

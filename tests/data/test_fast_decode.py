@@ -64,7 +64,52 @@ def test_decompression_bomb_is_refused_before_torchvision_decodes_it(monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 37 x 29 > 2 x 100: PIL's bomb error
     with pytest.raises(BadSample) as e:
         decode_image_tensor(CASES["jpeg-rgb"]())
-    assert e.value.reason == "corrupt_image" and "decompression bomb" in str(e.value).lower()
+    assert e.value.reason == "image_too_large" and "decompression bomb" in str(e.value).lower()
+
+
+def test_pixel_limit_is_read_from_the_header_before_decoding(monkeypatch):
+    """A 20000 x 20000 PNG of 60 KB is refused from its header (LMM_MAX_IMAGE_PIXELS, default 64 MP): nothing
+    is decoded, so it costs no memory; the limit is configurable and counted as image_too_large."""
+    import zlib
+
+    from lmm.data.media import DEFAULT_MAX_IMAGE_PIXELS, max_image_pixels
+
+    huge, big = _png_of_zeros(20_000, 20_000), _png_of_zeros(9_000, 9_000)  # 400 MP (past PIL's own bomb limit), 81 MP
+    assert len(huge) < 1_000_000 and DEFAULT_MAX_IMAGE_PIXELS == max_image_pixels() < 9_000 * 9_000
+    for decode in (decode_image, decode_image_tensor):
+        for data in (huge, big):
+            with pytest.raises(BadSample) as e:
+                decode(data)
+            assert e.value.reason == "image_too_large"
+        assert "9000x9000" in str(e.value) and "nothing decoded" in str(e.value)
+    small = CASES["png-rgb"]()  # 37 x 29 = 1073 pixels
+    monkeypatch.setenv("LMM_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(BadSample, match="image_too_large"):
+        decode_image_tensor(small)
+    assert decode_image_tensor(small, max_pixels=2000).shape == (3, 29, 37)
+    monkeypatch.setenv("LMM_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="LMM_MAX_IMAGE_PIXELS"):
+        decode_image_tensor(small)
+    assert zlib  # (used by _png_of_zeros)
+
+
+def _png_of_zeros(w: int, h: int) -> bytes:
+    """A valid w x h greyscale PNG of zeros built chunk by chunk (PIL would need w*h bytes of memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (w + 1)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_uint8_batches_give_the_same_logits_as_float_pixels(tmp_path, write_tar, img):

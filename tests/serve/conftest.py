@@ -46,12 +46,29 @@ def server(saved_model, image_dir, tmp_path_factory, request):
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     lmm = Path(sys.executable).with_name("lmm")
-    cmd = [str(lmm), "serve", "--model", str(saved_model), "--port", str(port), "--api-key", API_KEY,
-           "--allow-local-dir", str(image_dir), "--max-batch-size", "16", "--batch-wait-ms", "20",
-           "--log-level", "warning", "--device", "cpu"]
+    cmd = [
+        str(lmm),
+        "serve",
+        "--model",
+        str(saved_model),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--allow-local-dir",
+        str(image_dir),
+        "--max-batch-size",
+        "16",
+        "--batch-wait-ms",
+        "20",
+        "--log-level",
+        "warning",
+        "--device",
+        "cpu",
+    ]
     base = f"http://127.0.0.1:{port}"
-    with running_server(cmd, f"{base}/health", log, headers={"Authorization": f"Bearer {API_KEY}"}):
+    with running_server(cmd, f"{base}/health", log, headers={"Authorization": f"Bearer {API_KEY}"}) as proc:
         request.getfixturevalue("local_model")  # load the reference model while the server answers /health
-        yield {"url": base, "name": saved_model.name, "key": API_KEY}
+        yield {"url": base, "name": saved_model.name, "key": API_KEY, "pid": proc.pid}
     server_log = log.read_text()
     assert "Traceback" not in server_log, server_log

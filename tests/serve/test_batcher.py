@@ -75,4 +75,3 @@ def test_streamed_job_pieces_join_to_the_answer_and_seeded_samples_run_alone(mod
         assert a.future.result(timeout=120) == b.future.result(timeout=120) == model.chat(conv, **seeded.kwargs())
     finally:
         batcher.close()
-

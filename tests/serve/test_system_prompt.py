@@ -21,8 +21,12 @@ def test_default_system_prompt_reaches_batched_and_streamed_answers():
     image.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     local = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}]
-    wire = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "what is it?"}]}]
+    wire = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}],
+        }
+    ]
     without = model.chat(local, max_new_tokens=6)
     model.config.system_prompt = "You are a terse assistant that names shapes."
     want = model.chat(local, max_new_tokens=6)
