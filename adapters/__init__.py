@@ -6,5 +6,13 @@ from .projector import MediaFlatten, Projector
 from .qformer import QFormer
 from .xattn import GatedCrossAttentionBlock, media_mask
 
-__all__ = ["PerceiverResampler", "GatedCrossAttentionBlock", "media_mask", "QFormer", "Projector", "MediaFlatten", "ContrastiveHead",
-           "info_nce"]
+__all__ = [
+    "PerceiverResampler",
+    "GatedCrossAttentionBlock",
+    "media_mask",
+    "QFormer",
+    "Projector",
+    "MediaFlatten",
+    "ContrastiveHead",
+    "info_nce",
+]

@@ -13,8 +13,15 @@ from torch import nn
 class Attention(nn.Module):
     """q from `x`, k/v from `context`; `qk_norm` applies LayerNorm per head to q and k (Unified-IO 2)."""
 
-    def __init__(self, dim: int, context_dim: int | None = None, heads: int = 8, head_dim: int = 64,
-                 qk_norm: bool = False, out_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        head_dim: int = 64,
+        qk_norm: bool = False,
+        out_dim: int | None = None,
+    ):
         super().__init__()
         context_dim = context_dim or dim
         inner = heads * head_dim
@@ -33,8 +40,13 @@ class Attention(nn.Module):
         v = v.view(B, -1, self.heads, self.head_dim).transpose(1, 2)
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         # x: (B, Tq, dim); context: (B, Tk, context_dim), or its `keys_values` as kv; mask: bool, broadcastable
         # to (B, 1, Tq, Tk), True = attend
         B, Tq, _ = x.shape
@@ -46,5 +58,6 @@ class Attention(nn.Module):
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     """Pre-norm GELU MLP, as in Flamingo's dense blocks."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )

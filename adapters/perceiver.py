@@ -32,8 +32,18 @@ class PerceiverResampler(nn.Module):
     inputs before resampling; `frame_mask` (B, M, F) hides padded frames.
     """
 
-    def __init__(self, dim: int, num_latents: int = 64, depth: int = 6, heads: int = 8, head_dim: int = 64,
-                 ff_mult: int = 4, max_media: int = 32, max_frames: int = 8, qk_norm: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_latents: int = 64,
+        depth: int = 6,
+        heads: int = 8,
+        head_dim: int = 64,
+        ff_mult: int = 4,
+        max_media: int = 32,
+        max_frames: int = 8,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         self.frame_embs = nn.Parameter(torch.zeros(max_frames, dim))
@@ -45,11 +55,15 @@ class PerceiverResampler(nn.Module):
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, M, F, N, D = x.shape
         if F > self.max_frames:
-            raise ValueError(f"{F} frames per video exceed perceiver.max_frames={self.max_frames}; "
-                             "raise bridge.perceiver.max_frames or sample fewer frames")
+            raise ValueError(
+                f"{F} frames per video exceed perceiver.max_frames={self.max_frames}; "
+                "raise bridge.perceiver.max_frames or sample fewer frames"
+            )
         if M > self.max_media:
-            raise ValueError(f"{M} media items per sample exceed perceiver.max_media={self.max_media}; "
-                             "raise bridge.perceiver.max_media or use fewer images per sample")
+            raise ValueError(
+                f"{M} media items per sample exceed perceiver.max_media={self.max_media}; "
+                "raise bridge.perceiver.max_media or use fewer images per sample"
+            )
         x = x + self.frame_embs[:F].view(1, 1, F, 1, D) + self.media_time_embs[:M].view(1, M, 1, 1, D)
         x = x.reshape(B * M, F * N, D)
         mask = None

@@ -29,16 +29,27 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
     """(B, M, F, N, Dv) visual tokens -> (B, M, Q, D_lm) query embeddings for the LM."""
 
-    def __init__(self, media_dim: int, lm_dim: int, num_queries: int = 32, depth: int = 2, hidden: int = 256,
-                 heads: int = 8, ff_mult: int = 4, cross_every: int = 1, max_frames: int = 8):
+    def __init__(
+        self,
+        media_dim: int,
+        lm_dim: int,
+        num_queries: int = 32,
+        depth: int = 2,
+        hidden: int = 256,
+        heads: int = 8,
+        ff_mult: int = 4,
+        cross_every: int = 1,
+        max_frames: int = 8,
+    ):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"qformer.hidden={hidden} must be divisible by qformer.heads={heads}")
         self.queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02)
         self.frame_embs = nn.Parameter(torch.zeros(max_frames, media_dim))
         self.media_norm = nn.LayerNorm(media_dim)
-        self.layers = nn.ModuleList(QFormerLayer(hidden, media_dim, heads, ff_mult, cross=(i % cross_every == 0))
-                                    for i in range(depth))
+        self.layers = nn.ModuleList(
+            QFormerLayer(hidden, media_dim, heads, ff_mult, cross=(i % cross_every == 0)) for i in range(depth)
+        )
         self.norm = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, lm_dim)
 

@@ -9,8 +9,13 @@ from torch import nn
 from .attention import Attention, feed_forward
 
 
-def media_mask(text_media_idx: torch.Tensor, num_media: int, only_previous: bool = True,
-               text_segment: torch.Tensor | None = None, media_segment: torch.Tensor | None = None) -> torch.Tensor:
+def media_mask(
+    text_media_idx: torch.Tensor,
+    num_media: int,
+    only_previous: bool = True,
+    text_segment: torch.Tensor | None = None,
+    media_segment: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Which media each text token may see: bool (B, T, M).
 
     text_media_idx (B, T): number of `<image>` tokens at or before each position (0 = no image yet).
@@ -29,8 +34,9 @@ class GatedCrossAttentionBlock(nn.Module):
     """x (B, T, D) + tanh(g_a) * xattn(x -> media) ; then + tanh(g_f) * ffn. Tokens with no visible media get
     no cross-attention output."""
 
-    def __init__(self, dim: int, media_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4,
-                 qk_norm: bool = False):
+    def __init__(
+        self, dim: int, media_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4, qk_norm: bool = False
+    ):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, media_dim, heads=heads, head_dim=head_dim, qk_norm=qk_norm)
@@ -38,8 +44,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, visible: torch.Tensor,
-                kv_cache: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, media: torch.Tensor, visible: torch.Tensor, kv_cache: dict | None = None
+    ) -> torch.Tensor:
         # media: (B, M, L, Dv); visible: bool (B, T, M) from `media_mask`. kv_cache: a dict the caller keeps for
         # as long as `media` stays the same (one generation): this block's keys/values of the media are computed
         # on the first call and read back on the next ones (decode steps), instead of projected every step.

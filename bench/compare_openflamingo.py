@@ -24,17 +24,36 @@ import torch
 
 SHAPES = {
     # the CPU shape: Llama hidden 512 x 8 layers x 8 heads, intermediate 1376, vocab 32000
-    "mid": dict(hidden=512, layers=8, heads=8, inter=1376, vocab=32000, batch=4, images=2, tokens=128,
-                prompt=31, new_tokens=32),
-    "3b": dict(hidden=2048, layers=24, heads=16, inter=5632, vocab=50280, batch=16, images=5, tokens=256,
-               prompt=31, new_tokens=64),
+    "mid": dict(
+        hidden=512, layers=8, heads=8, inter=1376, vocab=32000, batch=4, images=2, tokens=128, prompt=31, new_tokens=32
+    ),
+    "3b": dict(
+        hidden=2048,
+        layers=24,
+        heads=16,
+        inter=5632,
+        vocab=50280,
+        batch=16,
+        images=5,
+        tokens=256,
+        prompt=31,
+        new_tokens=64,
+    ),
 }
 
 
 def llama_config(s: dict) -> dict:
-    return {"model_type": "llama", "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
-            "num_attention_heads": s["heads"], "num_key_value_heads": s["heads"], "intermediate_size": s["inter"],
-            "vocab_size": s["vocab"], "max_position_embeddings": 2048, "tie_word_embeddings": False}
+    return {
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["heads"],
+        "intermediate_size": s["inter"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
 
 
 def build_lmm(s: dict, device: str, dtype: str):
@@ -42,11 +61,15 @@ def build_lmm(s: dict, device: str, dtype: str):
     from lmm.model import LMM
     from lmm.testing import tiny_tokenizer
 
-    cfg = LMMConfig(vision=VisionConfig(name="ViT-B-32", include_cls=False),
-                    language=LanguageConfig(hf_config=llama_config(s)),
-                    bridge=BridgeConfig(perceiver=PerceiverConfig(num_latents=64, depth=6, heads=8, head_dim=64),
-                                        cross_attn=CrossAttnConfig(every=1, heads=8, head_dim=64, ff_mult=4)),
-                    dtype=dtype)
+    cfg = LMMConfig(
+        vision=VisionConfig(name="ViT-B-32", include_cls=False),
+        language=LanguageConfig(hf_config=llama_config(s)),
+        bridge=BridgeConfig(
+            perceiver=PerceiverConfig(num_latents=64, depth=6, heads=8, head_dim=64),
+            cross_attn=CrossAttnConfig(every=1, heads=8, head_dim=64, ff_mult=4),
+        ),
+        dtype=dtype,
+    )
     torch.manual_seed(0)
     return LMM.from_config(cfg, tokenizer=tiny_tokenizer(), device=device)
 
@@ -65,14 +88,20 @@ def build_openflamingo(s: dict, device: str, dtype: torch.dtype, media_id: int, 
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
     extend_instance(lm, FlamingoLMMixin)
     lm.set_decoder_layers_attr_name("model.layers")
-    model = Flamingo(clip, lm, eoc_id, media_id, vis_dim=open_clip.get_model_config("ViT-B-32")["vision_cfg"]["width"],
-                     cross_attn_every_n_layers=1)
+    model = Flamingo(
+        clip,
+        lm,
+        eoc_id,
+        media_id,
+        vis_dim=open_clip.get_model_config("ViT-B-32")["vision_cfg"]["width"],
+        cross_attn_every_n_layers=1,
+    )
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
     model.lang_encoder.get_input_embeddings().requires_grad_(True)  # its factory's default
     model.vision_encoder.to(dtype)
-    for n, p in model.lang_encoder.named_parameters():
+    for _, p in model.lang_encoder.named_parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     return model.to(device)
@@ -123,10 +152,17 @@ def main() -> None:
     media_id, eoc_id = ours.image_token_id, ours.eoc_token_id
     peer = build_openflamingo(s, dev, low, media_id, eoc_id)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    out = {"bench": "compare_openflamingo", "shape": args.shape, "device": dev,
-           "device_name": torch.cuda.get_device_name() if cuda else "cpu", "threads": args.threads,
-           "trainable_params_m": {"lmm": sum(p.numel() for p in ours.trainable_parameters()) / 1e6,
-                                  "openflamingo": sum(p.numel() for p in peer.parameters() if p.requires_grad) / 1e6}}
+    out = {
+        "bench": "compare_openflamingo",
+        "shape": args.shape,
+        "device": dev,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "threads": args.threads,
+        "trainable_params_m": {
+            "lmm": sum(p.numel() for p in ours.trainable_parameters()) / 1e6,
+            "openflamingo": sum(p.numel() for p in peer.parameters() if p.requires_grad) / 1e6,
+        },
+    }
 
     # ---- training step
     if not args.skip_train:
@@ -193,9 +229,9 @@ def main() -> None:
         decode_ours(ids, mask, pix), decode_peer(ids, mask, pix)  # warm-up
         t_ours, t_peer, n_ours = [], [], None
         for _ in range(args.repeats):
-            t_ours.append(timed(lambda: decode_ours(ids, mask, pix), dev))
+            t_ours.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix), dev))
             n_ours = decode_ours(ids, mask, pix).shape[1] if n_ours is None else n_ours
-            t_peer.append(timed(lambda: decode_peer(ids, mask, pix), dev))
+            t_peer.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_peer(ids, mask, pix), dev))
         tps_ours = rows * n_ours / statistics.median(t_ours)
         tps_peer = rows * n_new / statistics.median(t_peer)
         out[f"decode_b{rows}_tokens_per_s"] = {"lmm": tps_ours, "openflamingo": tps_peer}

@@ -34,14 +34,21 @@ def write_shards(root: str, docs: int, images_per_doc: int, image_px: int, shard
     with wds.ShardWriter(os.path.join(root, "docs-%03d.tar"), maxcount=max(1, docs // shards), verbose=0) as sink:
         for d in range(docs):
             infos, texts = [], []
-            for i in range(images_per_doc * 2):
+            for _ in range(images_per_doc * 2):
                 texts.append(" ".join(rng.choice(words, 12)) + ".")
             for i in range(images_per_doc):
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (image_px, image_px, 3), dtype=np.uint8)).save(buf, "JPEG")
-                infos.append({"image_base64": base64.b64encode(buf.getvalue()).decode(), "matched_text_index": 2 * i,
-                              "matched_sim": 0.3})
-            sink.write({"__key__": f"doc{d:06d}", "json": json.dumps({"text_list": texts, "image_info": infos}).encode()})
+                infos.append(
+                    {
+                        "image_base64": base64.b64encode(buf.getvalue()).decode(),
+                        "matched_text_index": 2 * i,
+                        "matched_sim": 0.3,
+                    }
+                )
+            sink.write(
+                {"__key__": f"doc{d:06d}", "json": json.dumps({"text_list": texts, "image_info": infos}).encode()}
+            )
     return os.path.join(root, f"docs-{{000..{shards - 1:03d}}}.tar")
 
 
@@ -52,13 +59,18 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--image-px", type=int, default=None, help="side of the stored JPEGs (default: the shape's)")
-    ap.add_argument("--tokenizer", default=None, help="an HF tokenizer folder (default: lmm's tiny test tokenizer; "
-                    "'smollm2' = the packaged SmolLM2-135M tokenizer, 49k tokens)")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="an HF tokenizer folder (default: lmm's tiny test tokenizer; "
+        "'smollm2' = the packaged SmolLM2-135M tokenizer, 49k tokens)",
+    )
     args = ap.parse_args()
+    from shapes import get_shape
+
     from lmm.data import DataConfig, build_loader
     from lmm.testing import tiny_tokenizer
     from lmm.tokens import add_media_tokens
-    from shapes import get_shape
 
     shape = get_shape(args.shape)
     docs = args.docs or (64 if args.shape == "small" else 512)
@@ -79,9 +91,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         image_px = args.image_px or shape.image_size
         pattern = write_shards(root, docs, shape.images, image_px)
-        cfg = DataConfig.from_dict({"datasets": [{"path": pattern, "format": "mmc4"}], "batch_size": shape.batch,
-                                    "max_tokens": shape.tokens, "max_images": shape.images,
-                                    "num_workers": args.workers, "epochs": 1, "packing": args.packing})
+        cfg = DataConfig.from_dict(
+            {
+                "datasets": [{"path": pattern, "format": "mmc4"}],
+                "batch_size": shape.batch,
+                "max_tokens": shape.tokens,
+                "max_images": shape.images,
+                "num_workers": args.workers,
+                "epochs": 1,
+                "packing": args.packing,
+            }
+        )
         loader = build_loader(cfg, tok, transform)
         image_id = tok.convert_tokens_to_ids("<image>")
         t0 = time.perf_counter()
@@ -90,8 +110,11 @@ def main() -> None:
             if batches == 0:
                 startup, t = time.perf_counter() - t0, time.perf_counter()
             else:  # steady state: everything after the first batch
-                samples += int(batch["input_ids"].shape[0]) if "segment_ids" not in batch else int(
-                    (batch["segment_ids"].max(1).values + 1).sum())
+                samples += (
+                    int(batch["input_ids"].shape[0])
+                    if "segment_ids" not in batch
+                    else int((batch["segment_ids"].max(1).values + 1).sum())
+                )
                 images += int((batch["input_ids"] == image_id).sum())
             batches += 1
             pixel_dtype = str(batch["pixel_values"].dtype)
@@ -99,10 +122,24 @@ def main() -> None:
     if batches < 2:
         raise SystemExit(f"only {batches} batch: pass more --docs (rates are measured after the first batch)")
     per = max(args.workers, 1)
-    out = {"bench": "data", "shape": args.shape, "workers": args.workers, "packing": args.packing, "image_px": image_px,
-           "out_px": shape.image_size, "tokenizer": args.tokenizer or "tiny", "vocab": len(tok), "pixel_dtype": pixel_dtype, "batches": batches, "startup_s": startup,
-           "samples_per_s": samples / dt, "images_per_s": images / dt, "samples_per_s_per_worker": samples / dt / per,
-           "images_per_s_per_worker": images / dt / per, "bad_samples": loader.bad_sample_counts()}
+    out = {
+        "bench": "data",
+        "shape": args.shape,
+        "workers": args.workers,
+        "packing": args.packing,
+        "image_px": image_px,
+        "out_px": shape.image_size,
+        "tokenizer": args.tokenizer or "tiny",
+        "vocab": len(tok),
+        "pixel_dtype": pixel_dtype,
+        "batches": batches,
+        "startup_s": startup,
+        "samples_per_s": samples / dt,
+        "images_per_s": images / dt,
+        "samples_per_s_per_worker": samples / dt / per,
+        "images_per_s_per_worker": images / dt / per,
+        "bad_samples": loader.bad_sample_counts(),
+    }
     for k, v in out.items():
         print(f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}")
     print(json.dumps(out))

@@ -60,11 +60,18 @@ def main() -> None:
     ttft = statistics.median(s[0] for s in single)
     decode_tps = statistics.median((s[2] - 1) / (s[1] - s[0]) for s in single)
     batched = [timed_decode(model, *inputs(args.batch), args.new_tokens, args.device) for _ in range(2)][1:]
-    out = {"bench": "generate", "shape": args.shape, "device": args.device,
-           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "ttft_s": ttft, "decode_tokens_per_s_b1": decode_tps, "tokens_generated_b1": single[0][2],
-           "batch": args.batch, "throughput_tokens_per_s": args.batch * batched[0][2] / batched[0][1],
-           "torch": torch.__version__}
+    out = {
+        "bench": "generate",
+        "shape": args.shape,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "ttft_s": ttft,
+        "decode_tokens_per_s_b1": decode_tps,
+        "tokens_generated_b1": single[0][2],
+        "batch": args.batch,
+        "throughput_tokens_per_s": args.batch * batched[0][2] / batched[0][1],
+        "torch": torch.__version__,
+    }
     for k, v in out.items():
         print(f"{k:>26}: {v:.4g}" if isinstance(v, float) else f"{k:>26}: {v}")
     print(json.dumps(out))

@@ -29,8 +29,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CHECKS = ["placement", "parity", "pytest_gpu", "qlora", "adamw8bit", "train_3b", "generate_3b", "train_3b_lowmem",
-          "memory_model"]
+CHECKS = [
+    "placement",
+    "parity",
+    "pytest_gpu",
+    "qlora",
+    "adamw8bit",
+    "train_3b",
+    "generate_3b",
+    "train_3b_lowmem",
+    "memory_model",
+]
 TIMEOUT_S = {"pytest_gpu": 120, "train_3b": 120, "train_3b_lowmem": 120, "generate_3b": 100}  # others: 75 s
 
 
@@ -66,8 +75,12 @@ def _small_batch(model, device: str, B: int = 4, T: int = 48):
     ids = torch.randint(402, model.lm.config.vocab_size, (B, T), generator=g)
     ids[:, 0] = ids[:, T // 2] = model.image_token_id
     pix = torch.randint(0, 256, (B, 2, 1, 3, 32, 32), generator=g, dtype=torch.uint8)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": ids.masked_fill(ids == model.image_token_id, -100).to(device), "pixel_values": pix.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.masked_fill(ids == model.image_token_id, -100).to(device),
+        "pixel_values": pix.to(device),
+    }
 
 
 def _autocast(device: str, on: bool):
@@ -84,8 +97,11 @@ def check_placement(device: str) -> dict:
     from lmm.generation import GenerationConfig, decode_steps
 
     model = _small_model(device, "auto")
-    wrong = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-             if t.device.type != torch.device(device).type]
+    wrong = [
+        n
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.device.type != torch.device(device).type
+    ]
     batch = _small_batch(model, device)
     with _autocast(device, True):
         loss = model(**batch, return_logits=False).loss
@@ -99,9 +115,14 @@ def check_placement(device: str) -> dict:
     uncached = torch.stack(list(decode_steps(model, ids, mask, pix, cfg=cfg)), 1)
     frozen = {str(p.dtype) for n, p in model.lm.named_parameters() if not p.requires_grad}
     ok = not wrong and bool(torch.isfinite(loss)) and torch.equal(cached, uncached)
-    return {"ok": ok, "off_device": wrong[:5], "loss": float(loss), "cached_equals_uncached":
-            torch.equal(cached, uncached), "frozen_dtypes": sorted(frozen),
-            "trainable_dtypes": sorted({str(p.dtype) for p in model.trainable_parameters()})}
+    return {
+        "ok": ok,
+        "off_device": wrong[:5],
+        "loss": float(loss),
+        "cached_equals_uncached": torch.equal(cached, uncached),
+        "frozen_dtypes": sorted(frozen),
+        "trainable_dtypes": sorted({str(p.dtype) for p in model.trainable_parameters()}),
+    }
 
 
 def check_parity(device: str) -> dict:
@@ -169,8 +190,11 @@ def check_adamw8bit(device: str) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss))
-        out["adamw8bit" if eight else "adamw"] = {"first": losses[0], "last": losses[-1],
-                                                   "optimizer": type(opt).__name__}
+        out["adamw8bit" if eight else "adamw"] = {
+            "first": losses[0],
+            "last": losses[-1],
+            "optimizer": type(opt).__name__,
+        }
     out["ok"] = out["adamw8bit"]["last"] < out["adamw8bit"]["first"] and out["adamw"]["last"] < out["adamw"]["first"]
     return out
 
@@ -191,8 +215,9 @@ def check_qlora(device: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = tiny_lmm_config("llama")
-        lm_cfg = dict(cfg.language.hf_config, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                      num_key_value_heads=2)
+        lm_cfg = dict(
+            cfg.language.hf_config, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
+        )
         from transformers import AutoConfig
 
         torch.manual_seed(0)
@@ -202,9 +227,17 @@ def check_qlora(device: str) -> dict:
         cfg.language = LanguageConfig(path=f"{tmp}/lm")
         cfg.dtype = "auto"
         LMM.from_config(cfg, device=device).save_pretrained(f"{tmp}/base")
-        train_cfg = TrainConfig.from_dict({"preset": f"{tmp}/base", "run_dir": f"{tmp}/run",
-                                           "model_overrides": ["lora.r=8", "lora.target_modules=[q_proj,v_proj]",
-                                                               f"language.load_in_4bit={str(four_bit).lower()}"]})
+        train_cfg = TrainConfig.from_dict(
+            {
+                "preset": f"{tmp}/base",
+                "run_dir": f"{tmp}/run",
+                "model_overrides": [
+                    "lora.r=8",
+                    "lora.target_modules=[q_proj,v_proj]",
+                    f"language.load_in_4bit={str(four_bit).lower()}",
+                ],
+            }
+        )
         model = build_model(train_cfg, torch.device(device))
         linear4 = sum(type(m).__name__ == "Linear4bit" for m in model.lm.modules())
         lora_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n})
@@ -221,15 +254,17 @@ def check_qlora(device: str) -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss))
     ok = (linear4 > 0) == four_bit and lora_dtypes == ["torch.float32"] and losses[-1] < losses[0]
-    return {"ok": ok, "four_bit": four_bit, "linear4bit_modules": linear4, "lora_dtypes": lora_dtypes,
-            "losses": losses}
+    return {"ok": ok, "four_bit": four_bit, "linear4bit_modules": linear4, "lora_dtypes": lora_dtypes, "losses": losses}
 
 
 def _script(device: str, script: str, *args: str) -> dict:
     shape = "3b" if device == "cuda" else "small"
-    proc = subprocess.run([sys.executable, str(HERE / script), "--shape", shape, *args]
-                          + (["--device", device] if script != "memory_model.py" else []),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), "--shape", shape, *args]
+        + (["--device", device] if script != "memory_model.py" else []),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-1500:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -238,11 +273,19 @@ def _script(device: str, script: str, *args: str) -> dict:
 
 
 def check_pytest_gpu(device: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           str(ROOT / "tests")], capture_output=True, text=True, cwd=tempfile.gettempdir())  # the installed lmm, not ./lmm
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )  # the installed lmm, not ./lmm
     last = (proc.stdout.strip().splitlines() or [""])[-1]
-    return {"ok": proc.returncode in (0, 5), "summary": last, "returncode": proc.returncode,
-            "failures": [line for line in proc.stdout.splitlines() if line.startswith("FAILED")][:10]}
+    return {
+        "ok": proc.returncode in (0, 5),
+        "summary": last,
+        "returncode": proc.returncode,
+        "failures": [line for line in proc.stdout.splitlines() if line.startswith("FAILED")][:10],
+    }
 
 
 def check_memory_model(device: str) -> dict:
@@ -258,8 +301,9 @@ RUNNERS = {
     "qlora": check_qlora,
     "memory_model": check_memory_model,
     "train_3b": lambda d: _script(d, "train_step.py", "--steps", "5"),
-    "train_3b_lowmem": lambda d: _script(d, "train_step.py", "--steps", "5", "--grad-checkpointing",
-                                         *(["--eight-bit"] if d == "cuda" else [])),
+    "train_3b_lowmem": lambda d: _script(
+        d, "train_step.py", "--steps", "5", "--grad-checkpointing", *(["--eight-bit"] if d == "cuda" else [])
+    ),
     "generate_3b": lambda d: _script(d, "generate.py", "--new-tokens", "64", "--batch", "32", "--repeats", "2"),
 }
 
@@ -302,19 +346,34 @@ def main() -> None:
     for name in names:
         t = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--run", name, "--device", args.device],
-                                  capture_output=True, text=True, timeout=TIMEOUT_S.get(name, 75),
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.run(
+                [sys.executable, __file__, "--run", name, "--device", args.device],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S.get(name, 75),
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             lines = proc.stdout.strip().splitlines()
-            res = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-                "check": name, "ok": False, "returncode": proc.returncode, "error": proc.stderr[-1500:]}
+            res = (
+                json.loads(lines[-1])
+                if proc.returncode == 0 and lines
+                else {"check": name, "ok": False, "returncode": proc.returncode, "error": proc.stderr[-1500:]}
+            )
         except subprocess.TimeoutExpired:
             res = {"check": name, "ok": False, "error": f"timed out after {TIMEOUT_S.get(name, 75)} s"}
         res.setdefault("wall_s", round(time.perf_counter() - t, 1))
         results.append(res)
         print(json.dumps(res, default=str), flush=True)
-    print(json.dumps({"check": "summary", "device": args.device, "ok": all(r["ok"] for r in results),
-                      "failed": [r["check"] for r in results if not r["ok"]]}))
+    print(
+        json.dumps(
+            {
+                "check": "summary",
+                "device": args.device,
+                "ok": all(r["ok"] for r in results),
+                "failed": [r["check"] for r in results if not r["ok"]],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

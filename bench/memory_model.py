@@ -17,14 +17,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import get_shape  # noqa: E402
 
 from lmm.losses import LOSS_CHUNK  # noqa: E402
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -53,10 +51,15 @@ def parameter_counts(shape) -> dict[str, int]:
     trainable = {id(p) for p in model.trainable_parameters()}
     count = lambda mod, train: sum(p.numel() for p in mod.parameters() if (id(p) in trainable) == train)  # noqa: E731
     blocks = model.xattn_blocks()
-    return {"vision": count(model.vision, False), "lm_frozen": count(model.lm, False),
-            "xattn": sum(count(b, True) for b in blocks), "resampler": count(model.resampler, True),
-            "other_trainable": count(model.embed, True) + count(model.head, True),
-            "n_xattn": len(blocks), "vision_tokens": _vision_tokens(model, shape)}
+    return {
+        "vision": count(model.vision, False),
+        "lm_frozen": count(model.lm, False),
+        "xattn": sum(count(b, True) for b in blocks),
+        "resampler": count(model.resampler, True),
+        "other_trainable": count(model.embed, True) + count(model.head, True),
+        "n_xattn": len(blocks),
+        "vision_tokens": _vision_tokens(model, shape),
+    }
 
 
 def _vision_tokens(model, shape) -> int:
@@ -115,8 +118,8 @@ def estimate(shape, counts: dict, opt: Options) -> dict[str, float]:
     trainable = counts["xattn"] + counts["resampler"] + counts["other_trainable"]
     rows = {
         "frozen vision (bf16)": counts["vision"] * 2,
-        f"frozen LM ({'bf16' if opt.lm_bits == 16 else 'nf4'})": counts["lm_frozen"] * (2 if opt.lm_bits == 16
-                                                                                         else 4.5 / 8),
+        f"frozen LM ({'bf16' if opt.lm_bits == 16 else 'nf4'})": counts["lm_frozen"]
+        * (2 if opt.lm_bits == 16 else 4.5 / 8),
         "trainable weights (fp32)": trainable * 4,
         "gradients (fp32)": trainable * 4,
         "optimizer state": trainable * opt.optimizer_bytes,
@@ -137,20 +140,34 @@ def main() -> None:
     results = {}
     for opt in OPTION_SETS:
         rows = estimate(shape, counts, opt)
-        results[opt.name] = {"components_gib": {k: round(v / GIB, 3) for k, v in rows.items()},
-                             "total_gib": round(sum(rows.values()) / GIB, 2)}
+        results[opt.name] = {
+            "components_gib": {k: round(v / GIB, 3) for k, v in rows.items()},
+            "total_gib": round(sum(rows.values()) / GIB, 2),
+        }
     width = max(len(k) for r in results.values() for k in r["components_gib"])
-    print(f"shape {args.shape}: batch {shape.batch} x {shape.tokens} tokens, {shape.images} images/row; "
-          f"trainable {(counts['xattn'] + counts['resampler'] + counts['other_trainable']) / 1e6:.0f} M, "
-          f"frozen LM {counts['lm_frozen'] / 1e6:.0f} M, vision {counts['vision'] / 1e6:.0f} M")
+    print(
+        f"shape {args.shape}: batch {shape.batch} x {shape.tokens} tokens, {shape.images} images/row; "
+        f"trainable {(counts['xattn'] + counts['resampler'] + counts['other_trainable']) / 1e6:.0f} M, "
+        f"frozen LM {counts['lm_frozen'] / 1e6:.0f} M, vision {counts['vision'] / 1e6:.0f} M"
+    )
     for name, r in results.items():
         print(f"\n{name}: {r['total_gib']:.1f} GiB {'(fits)' if r['total_gib'] <= args.limit_gib else ''}")
         for k, v in r["components_gib"].items():
             print(f"  {k:<{width}} {v:8.2f}")
     fits = [n for n, r in results.items() if r["total_gib"] <= args.limit_gib]
     print(f"\nunder {args.limit_gib:g} GiB: {', '.join(fits) if fits else 'none of these option sets'}")
-    print(json.dumps({"bench": "memory_model", "shape": args.shape, "limit_gib": args.limit_gib,
-                      "params": counts, "estimates": results, "fits": fits}))
+    print(
+        json.dumps(
+            {
+                "bench": "memory_model",
+                "shape": args.shape,
+                "limit_gib": args.limit_gib,
+                "params": counts,
+                "estimates": results,
+                "fits": fits,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -78,14 +78,26 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
     rate = matmul_rate(args.device)
-    out = {"bench": "train_step", "shape": args.shape, "device": args.device,
-           "device_name": torch.cuda.get_device_name() if cuda else "cpu", "batch": shape.batch,
-           "step_s": dt, "samples_per_s": shape.batch / dt, "tokens_per_s": shape.batch * shape.tokens / dt,
-           "images_per_s": shape.batch * shape.images / dt, "tflop_per_step": flops / 1e12,
-           "matmul_tflops": rate / 1e12, "mfu": flops / dt / rate, "peak_mem_gib": peak_memory_gib(args.device),
-           "trainable_params_m": sum(p.numel() for p in params) / 1e6,
-           "saved_activation_mib": saved / 2 ** 20, "grad_checkpointing": args.grad_checkpointing,
-           "eight_bit": args.eight_bit, "torch": torch.__version__}
+    out = {
+        "bench": "train_step",
+        "shape": args.shape,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "batch": shape.batch,
+        "step_s": dt,
+        "samples_per_s": shape.batch / dt,
+        "tokens_per_s": shape.batch * shape.tokens / dt,
+        "images_per_s": shape.batch * shape.images / dt,
+        "tflop_per_step": flops / 1e12,
+        "matmul_tflops": rate / 1e12,
+        "mfu": flops / dt / rate,
+        "peak_mem_gib": peak_memory_gib(args.device),
+        "trainable_params_m": sum(p.numel() for p in params) / 1e6,
+        "saved_activation_mib": saved / 2**20,
+        "grad_checkpointing": args.grad_checkpointing,
+        "eight_bit": args.eight_bit,
+        "torch": torch.__version__,
+    }
     for k, v in out.items():
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
     print(json.dumps(out))

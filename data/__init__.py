@@ -2,7 +2,8 @@
 
 Formats (MMC4 / OBELICS documents, webdataset or parquet pairs, video clips, LLaVA conversations),
 local sources (webdataset shards, HF `datasets` files), Flamingo formatting and labels, packing,
-mixtures and curricula, and a sharded, resumable multi-worker loader that skips and counts bad samples.
+mixtures and curricula, and a sharded, resumable multi-worker loader that skips and counts bad samples;
+data preparers (`prepare`) that write demo data as ordinary files, and an in-order reader (`ordered`).
 It knows the model only through a tokenizer and an image transform; it never imports lmm.model.
 """
 
@@ -12,12 +13,35 @@ from .encode import SampleEncoder
 from .errors import REASONS, BadSample, DataError, format_counts
 from .formats import MediaRef, Sample, parse_record
 from .loader import LMMLoader, build_loader
+from .ordered import iter_dataset
 from .packing import Encoded, collate, collate_packed
+from .prepare import PREPARERS, prepare_datasets, run_preparer
 from .text import encode_conversation, encode_document, flamingo_text
 
 __all__ = [
-    "DataConfig", "DatasetConfig", "StageConfig", "build_loader", "LMMLoader", "SampleEncoder",
-    "BadSample", "DataError", "REASONS", "format_counts", "Sample", "MediaRef", "parse_record",
-    "Encoded", "collate", "collate_packed", "encode_document", "encode_conversation", "flamingo_text",
-    "easyvqa_samples", "easyvqa_records",
+    "DataConfig",
+    "DatasetConfig",
+    "StageConfig",
+    "build_loader",
+    "LMMLoader",
+    "SampleEncoder",
+    "BadSample",
+    "DataError",
+    "REASONS",
+    "format_counts",
+    "Sample",
+    "MediaRef",
+    "parse_record",
+    "Encoded",
+    "collate",
+    "collate_packed",
+    "encode_document",
+    "encode_conversation",
+    "flamingo_text",
+    "easyvqa_samples",
+    "easyvqa_records",
+    "iter_dataset",
+    "PREPARERS",
+    "prepare_datasets",
+    "run_preparer",
 ]

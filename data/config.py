@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from lmm.config import ConfigError, from_dict
 
-SOURCES = ("auto", "webdataset", "parquet", "json", "arrow", "disk", "easyvqa")
+SOURCES = ("auto", "webdataset", "parquet", "json", "arrow", "disk")
 FORMATS = ("auto", "pair", "mmc4", "obelics", "conversation", "video")
 
 
@@ -20,40 +20,38 @@ FORMATS = ("auto", "pair", "mmc4", "obelics", "conversation", "video")
 class DatasetConfig:
     """One dataset: where its files are, how records are laid out, and its share of the mixture.
 
-    path: a file, glob, brace pattern (`shards/{000..009}.tar`) or folder; for source=easyvqa the
-    split (`train` / `test`).
+    path: a file, glob, brace pattern (`shards/{000..009}.tar`) or folder.
+    prepare: the name of a data preparer (`lmm.data.prepare.PREPARERS`) that writes `path` when it is missing
+    (e.g. the demo's data, made from a pip package into ordinary conversation JSON).
     """
 
     path: str = ""
-    name: Optional[str] = None  # shown in logs / task_names; default: derived from path
-    source: Literal["auto", "webdataset", "parquet", "json", "arrow", "disk", "easyvqa"] = "auto"
+    name: str | None = None  # shown in logs / task_names; default: derived from path
+    source: Literal["auto", "webdataset", "parquet", "json", "arrow", "disk"] = "auto"
     format: Literal["auto", "pair", "mmc4", "obelics", "conversation", "video"] = "auto"
     streaming: bool = False  # HF datasets: stream the files instead of building an Arrow cache
     split: str = "train"  # split name inside a `save_to_disk` DatasetDict
     weight: float = 1.0  # share of the mixture (normalised within a stage)
     loss_weight: float = 1.0  # per-dataset loss weight for the trainer (via task_ids)
-    image_root: Optional[str] = None  # folder that relative image/video paths are resolved against
-    image_key: Optional[str] = None  # column/extension holding the image (default: detected)
-    text_key: Optional[str] = None  # column/extension holding the caption (default: detected)
+    image_root: str | None = None  # folder that relative image/video paths are resolved against
+    image_key: str | None = None  # column/extension holding the image (default: detected)
+    text_key: str | None = None  # column/extension holding the caption (default: detected)
     min_similarity: float = 0.24  # MMC4: drop images whose matched_sim is below this
-    num_frames: Optional[int] = None  # video: frames sampled uniformly (default: data.num_frames)
+    num_frames: int | None = None  # video: frames sampled uniformly (default: data.num_frames)
     repeat: int = 1  # 4M repeat sampling: each decoded sample used up to this many times
     repeat_buffer: int = 0  # size of the in-memory repeat buffer (0: off)
     shuffle: bool = True  # shuffle shard order (files) / row order (tables) each epoch
-    easyvqa_task: Literal["vqa", "caption", "fewshot"] = "vqa"  # source=easyvqa only
-    fewshot_shots: int = 4  # easyvqa fewshot: solved examples before the query
+    prepare: str | None = None  # a data preparer that writes `path` when it is missing (see above)
 
     def display_name(self) -> str:
         if self.name:
             return self.name
-        if self.source == "easyvqa":
-            return f"easyvqa-{self.easyvqa_task}-{self.path or 'train'}"
         parts = self.path.rstrip("/").split("/")
         return "/".join(parts[-2:]) if len(parts) > 1 else self.path
 
     def identity(self) -> tuple:
         """What makes two entries the same dataset (same stream) when they appear in several stages."""
-        return (self.path, self.source, self.format, self.split, self.easyvqa_task)
+        return (self.path, self.source, self.format, self.split)
 
 
 @dataclass
@@ -61,8 +59,8 @@ class StageConfig:
     """One curriculum stage: a mixture used for `steps` batches (None: until the data ends)."""
 
     datasets: list[DatasetConfig] = field(default_factory=list)
-    steps: Optional[int] = None
-    name: Optional[str] = None
+    steps: int | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -75,11 +73,11 @@ class DataConfig:
     too_many_images: Literal["skip", "truncate"] = "skip"  # skip (and count) or keep the first max_images
     num_frames: int = 8  # video frames sampled uniformly per clip
     packing: bool = False  # several samples per fixed-length row (segment_ids / position_ids)
-    pack_max_images: Optional[int] = None  # most media per packed row (default: unlimited)
+    pack_max_images: int | None = None  # most media per packed row (default: unlimited)
     num_workers: int = 0  # DataLoader worker processes per rank
     prefetch_factor: int = 2
     seed: int = 0
-    epochs: Optional[int] = None  # None: cycle forever (step-based training); N: stop after N passes
+    epochs: int | None = None  # None: cycle forever (step-based training); N: stop after N passes
     drop_last: bool = False  # drop a final short batch (finite runs)
     log_bad_samples: bool = True  # log each skipped sample with its key
 
@@ -89,8 +87,10 @@ class DataConfig:
             raise ConfigError("data: give either `datasets` (one mixture) or `stages` (a curriculum), not both")
         stages = self.stages or [StageConfig(datasets=self.datasets)]
         if not any(s.datasets for s in stages):
-            raise ConfigError("data: no datasets configured; add `data.datasets: [{path: ...}]` "
-                              "(or `source: easyvqa` for the built-in demo data)")
+            raise ConfigError(
+                "data: no datasets configured; add `data.datasets: [{path: ...}]` "
+                "(configs/demo.yaml shows a prepared one: `prepare: NAME`)"
+            )
         for i, s in enumerate(stages):
             if not s.datasets:
                 raise ConfigError(f"data.stages[{i}] has no datasets")
@@ -103,17 +103,22 @@ class DataConfig:
                     raise ConfigError(f"dataset {d.display_name()!r}: weight must be > 0, got {d.weight}")
                 if d.repeat < 1:
                     raise ConfigError(f"dataset {d.display_name()!r}: repeat must be >= 1, got {d.repeat}")
-                if not d.path and d.source != "easyvqa":
+                if not d.path:
                     raise ConfigError("a dataset has no `path`; set it to a file, glob, brace pattern or folder")
         seen: dict = {}
         for s in stages:
             for d in s.datasets:
                 other = seen.setdefault(d.display_name(), d.identity())
                 if other != d.identity():
-                    raise ConfigError(f"two different datasets are both named {d.display_name()!r}; "
-                                      "give them distinct `name:` values")
-        for name, v in (("batch_size", self.batch_size), ("max_tokens", self.max_tokens),
-                        ("max_images", self.max_images), ("num_frames", self.num_frames)):
+                    raise ConfigError(
+                        f"two different datasets are both named {d.display_name()!r}; give them distinct `name:` values"
+                    )
+        for name, v in (
+            ("batch_size", self.batch_size),
+            ("max_tokens", self.max_tokens),
+            ("max_images", self.max_images),
+            ("num_frames", self.num_frames),
+        ):
             if v < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {v}")
         if self.num_workers < 0:
@@ -138,11 +143,11 @@ class DataConfig:
         return [weights[n] for n in self.task_names()]
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
+    def from_dict(cls, d: dict) -> DataConfig:
         return from_dict(cls, d)
 
     @classmethod
-    def from_yaml(cls, path, overrides: list[str] | None = None) -> "DataConfig":
+    def from_yaml(cls, path, overrides: list[str] | None = None) -> DataConfig:
         """A YAML file whose top level is the data section (or a full run config with a `data:` key)."""
         import yaml
 

@@ -4,12 +4,14 @@ Three views of the same images, all plain records that the normal parsers read:
   vqa      one LLaVA-style conversation per question: "<image>\\n{question}" -> "{answer}"
   caption  one pair per image, caption derived from its questions: "a blue circle"
   fewshot  OBELICS-style interleaved documents: `shots` solved questions, then the query
-Use them from a config (`{source: easyvqa, path: train, easyvqa_task: vqa}`) or directly.
+`prepare(DIR)` (the data preparer "easyvqa": `lmm data prepare easyvqa --out DIR`, or `prepare: easyvqa` on a
+dataset entry) writes the vqa and caption views as ordinary JSON files that `format: conversation` / `pair`
+read; the images stay the PNGs the package ships.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -25,8 +27,9 @@ def _load(split: str):
         raise ImportError("the easy-vqa demo data needs `pip install easy-vqa` (or `pip install lmm[demo]`)") from None
     if split not in SPLITS:
         raise ValueError(f"easy-vqa split must be one of {SPLITS}, got {split!r}")
-    questions, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
-                                     else easy_vqa.get_test_questions())
+    questions, answers, image_ids = (
+        easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    )
     paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
     return questions, answers, image_ids, paths
 
@@ -47,9 +50,14 @@ def answers() -> list[str]:
 
 def vqa_record(sample: dict) -> dict:
     """An easy-vqa sample as a LLaVA-style conversation record."""
-    return {"id": sample["key"], "image": sample["image"],
-            "conversations": [{"from": "human", "value": f"<image>\n{sample['question']}"},
-                              {"from": "gpt", "value": sample["answer"]}]}
+    return {
+        "id": sample["key"],
+        "image": sample["image"],
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{sample['question']}"},
+            {"from": "gpt", "value": sample["answer"]},
+        ],
+    }
 
 
 def captions(split: str = "train") -> dict[str, str]:
@@ -97,3 +105,21 @@ def easyvqa_records(split: str = "train", task: str = "vqa", shots: int = 4, see
             records.append({"texts": texts, "images": images})
         return records
     raise ValueError(f"easyvqa task must be vqa, caption or fewshot, got {task!r}")
+
+
+def prepare(out_dir) -> list[str]:
+    """Write {train,test}.json (the vqa view: LLaVA-style conversations, one per question, in package order) and
+    {train,test}_caption.json (the caption view) into `out_dir`; returns the paths. Atomic per file."""
+    import json
+    import os
+
+    written = []
+    for split in SPLITS:
+        for view, name in (("vqa", f"{split}.json"), ("caption", f"{split}_caption.json")):
+            path = os.path.join(out_dir, name)
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(easyvqa_records(split, view), f)
+            os.replace(tmp, path)
+            written.append(path)
+    return written

@@ -10,8 +10,8 @@ any other callable gets PIL images and returns float tensors, as torchvision/ope
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -85,7 +85,9 @@ class SampleEncoder:
                 pix = [self._to_pixels(f) for f in item]
                 media.append(pix[0][None] if len(pix) == 1 else torch.stack(pix))  # (F, C, H, W)
             except Exception as e:  # an image the backbone's preprocessing rejects
-                raise BadSample("corrupt_image", f"image transform failed: {type(e).__name__}: {e}", sample.key) from None
+                raise BadSample(
+                    "corrupt_image", f"image transform failed: {type(e).__name__}: {e}", sample.key
+                ) from None
         return Encoded(tok.input_ids, tok.labels, media, task, sample.key)
 
     def blank_media(self) -> torch.Tensor:

@@ -55,8 +55,9 @@ def inspect_dataset(dcfg: DatasetConfig, cfg: DataConfig, tokenizer, limit: int 
     source = build_source(dcfg, cfg.seed)
     kind = f"{type(source).__name__}, {len(source)} {'shards' if isinstance(source, ShardSource) else 'rows'}"
     rep = Inspection(dcfg.display_name(), kind)
-    encoder = SampleEncoder(tokenizer, lambda im: torch.zeros(3, 1, 1), cfg.max_tokens, cfg.max_images,
-                            cfg.too_many_images, cfg.num_frames)
+    encoder = SampleEncoder(
+        tokenizer, lambda im: torch.zeros(3, 1, 1), cfg.max_tokens, cfg.max_images, cfg.too_many_images, cfg.num_frames
+    )
     counter = BadSampleCounter(log=False)
 
     def on_error(exn, path):
@@ -79,9 +80,14 @@ def inspect_dataset(dcfg: DatasetConfig, cfg: DataConfig, tokenizer, limit: int 
         rep.lengths.append(len(enc.input_ids))
         rep.images.append(len(enc.media))
         if len(rep.shown) < show:
-            rep.shown.append({"key": key, "text": tokenizer.decode(enc.input_ids),
-                              "media": [f"{len(f)} frame(s) {_width_height(f[0])}" for f in frames],
-                              "loss": loss_spans(tokenizer, enc.input_ids, enc.labels)})
+            rep.shown.append(
+                {
+                    "key": key,
+                    "text": tokenizer.decode(enc.input_ids),
+                    "media": [f"{len(f)} frame(s) {_width_height(f[0])}" for f in frames],
+                    "loss": loss_spans(tokenizer, enc.input_ids, enc.labels),
+                }
+            )
     rep.bad = dict(counter.counts)
     return rep
 
@@ -91,16 +97,23 @@ def histogram(values: list[int], bins: int = 8, width: int = 40) -> list[str]:
         return ["  (no samples)"]
     counts, edges = np.histogram(values, bins=min(bins, max(1, len(set(values)))))
     top = max(counts.max(), 1)
-    return [f"  {int(lo):6d}-{int(hi):<6d} {'#' * int(round(width * c / top))} {c}"
-            for c, lo, hi in zip(counts, edges[:-1], edges[1:])]
+    return [
+        f"  {int(lo):6d}-{int(hi):<6d} {'#' * int(round(width * c / top))} {c}"
+        for c, lo, hi in zip(counts, edges[:-1], edges[1:])
+    ]
 
 
 def format_inspection(rep: Inspection) -> str:
-    lines = [f"== {rep.name} ({rep.source})",
-             f"records read: {rep.records}   usable: {rep.good}   skipped: {sum(rep.bad.values())}"]
+    lines = [
+        f"== {rep.name} ({rep.source})",
+        f"records read: {rep.records}   usable: {rep.good}   skipped: {sum(rep.bad.values())}",
+    ]
     for i, s in enumerate(rep.shown):
-        lines += [f"-- sample {i} [{s['key']}]  media: {', '.join(s['media']) or 'none'}", s["text"],
-                  "   loss on: " + " | ".join(repr(x) for x in s["loss"])]
+        lines += [
+            f"-- sample {i} [{s['key']}]  media: {', '.join(s['media']) or 'none'}",
+            s["text"],
+            "   loss on: " + " | ".join(repr(x) for x in s["loss"]),
+        ]
     if rep.lengths:
         lines += [f"tokens per sample: min {min(rep.lengths)}  mean {np.mean(rep.lengths):.1f}  max {max(rep.lengths)}"]
         lines += histogram(rep.lengths)

@@ -6,7 +6,7 @@ resumed stream needs only the draw counter to make the same choices again.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,7 +23,7 @@ class Mixture:
         self.active = np.ones(len(weights), dtype=bool)
         self.seed, self.reader = seed, reader
 
-    def choose(self, draw: int) -> Optional[int]:
+    def choose(self, draw: int) -> int | None:
         """The dataset for draw number `draw`, or None when every dataset is exhausted."""
         w = np.where(self.active, self.weights, 0.0)
         if w.sum() <= 0:
@@ -38,11 +38,11 @@ class Mixture:
 class Schedule:
     """Curriculum: stage i runs for steps[i] steps (None: until its data ends); maps a step to its stage."""
 
-    def __init__(self, steps: list[Optional[int]]):
+    def __init__(self, steps: list[int | None]):
         self.steps = steps
         self.bounds = np.cumsum([s if s is not None else np.inf for s in steps])
 
-    def stage_at(self, step: int) -> Optional[int]:
+    def stage_at(self, step: int) -> int | None:
         """The stage index that batch number `step` (0-based, per rank) belongs to; None after the last."""
         i = int(np.searchsorted(self.bounds, step, side="right"))
         return i if i < len(self.steps) else None

@@ -33,13 +33,16 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _pixel_values(rows_media: list[list[torch.Tensor]], media_shape: tuple[int, int, int],
-                  media_dtype: torch.dtype = torch.float32):
+def _pixel_values(
+    rows_media: list[list[torch.Tensor]], media_shape: tuple[int, int, int], media_dtype: torch.dtype = torch.float32
+):
     """Stack per-row media lists into (B, M, F, C, H, W), plus frame_mask when frame counts differ."""
     shapes = {tuple(m.shape[1:]) for row in rows_media for m in row}
     if len(shapes) > 1:
-        raise ValueError(f"the image transform returned different sizes {sorted(shapes)}; make it resize "
-                         "and crop to one fixed size (e.g. Resize + CenterCrop)")
+        raise ValueError(
+            f"the image transform returned different sizes {sorted(shapes)}; make it resize "
+            "and crop to one fixed size (e.g. Resize + CenterCrop)"
+        )
     chw = shapes.pop() if shapes else tuple(media_shape)
     frames = {m.shape[0] for row in rows_media for m in row}
     B, M, F = len(rows_media), max([1] + [len(r) for r in rows_media]), max([1] + list(frames))
@@ -75,8 +78,9 @@ def collate(samples: list[Encoded], pad_id: int, media_shape=(3, 224, 224), medi
     return batch
 
 
-def collate_packed(rows: list[list[Encoded]], pad_id: int, row_length: int, media_shape=(3, 224, 224),
-                   media_dtype=torch.float32) -> dict:
+def collate_packed(
+    rows: list[list[Encoded]], pad_id: int, row_length: int, media_shape=(3, 224, 224), media_dtype=torch.float32
+) -> dict:
     """Several samples per fixed-length row; samples keep their order, their media follow them."""
     B, T = len(rows), row_length
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -103,8 +107,14 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int, row_length: int, medi
         position_ids[b, start:] = torch.arange(T - start)
         if row:
             task_ids[b, start:] = row[-1].task
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids,
-             "segment_ids": segment_ids, "position_ids": position_ids}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "task_ids": task_ids,
+        "segment_ids": segment_ids,
+        "position_ids": position_ids,
+    }
     batch.update(_pixel_values([[m for s in row for m in s.media] for row in rows], media_shape, media_dtype))
     return batch
 

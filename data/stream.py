@@ -8,7 +8,6 @@ State: {"epoch", "cursor" (the source's position after the last record read), "g
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 from .errors import BadSample, BadSampleCounter, DataError
 from .formats import parse_record
@@ -19,8 +18,19 @@ MAX_CONSECUTIVE_FAILURES = 1000  # decoded samples in a row that fail to encode:
 
 
 class DatasetStream:
-    def __init__(self, dcfg, source, encoder, task: int, reader: int, readers: int, counter: BadSampleCounter,
-                 epochs: Optional[int] = None, seed: int = 0, state: Optional[dict] = None):
+    def __init__(
+        self,
+        dcfg,
+        source,
+        encoder,
+        task: int,
+        reader: int,
+        readers: int,
+        counter: BadSampleCounter,
+        epochs: int | None = None,
+        seed: int = 0,
+        state: dict | None = None,
+    ):
         self.cfg, self.source, self.encoder, self.task = dcfg, source, encoder, task
         self.reader, self.readers, self.counter, self.epochs, self.seed = reader, readers, counter, epochs, seed
         self.state = copy.deepcopy(state) if state else {"epoch": 0, "cursor": None, "good": 0, "done": False}
@@ -36,14 +46,17 @@ class DatasetStream:
         if (self.state["epoch"], path) in self._broken:  # one count per damaged shard and epoch
             return
         self._broken.add((self.state["epoch"], path))
-        self.counter.add(BadSample("truncated_shard", f"{type(exn).__name__}: {exn}"), key=path, source=self.source.name)
+        self.counter.add(
+            BadSample("truncated_shard", f"{type(exn).__name__}: {exn}"), key=path, source=self.source.name
+        )
 
     def _next_record(self):
         """(key, record) of the next record this reader owns, rolling epochs over; None when done."""
         while not self.state["done"]:
             if self._records is None:
-                self._records = self.source.iter_records(self.state["epoch"], self.reader, self.readers,
-                                                         self.state["cursor"], self._on_read_error)
+                self._records = self.source.iter_records(
+                    self.state["epoch"], self.reader, self.readers, self.state["cursor"], self._on_read_error
+                )
                 self._read_this_epoch = self.state["cursor"] is not None
             for key, record, cursor in self._records:
                 self.state["cursor"] = cursor
@@ -55,8 +68,10 @@ class DatasetStream:
                 self.state["done"] = True
                 break
             if self.state["good"] == 0:
-                raise DataError(f"dataset {self.source.name!r}: every record read in epoch {self.state['epoch']} "
-                                f"was bad ({dict(self.counter.counts)}); check its path, format and keys")
+                raise DataError(
+                    f"dataset {self.source.name!r}: every record read in epoch {self.state['epoch']} "
+                    f"was bad ({dict(self.counter.counts)}); check its path, format and keys"
+                )
             self.state.update(epoch=self.state["epoch"] + 1, cursor=None, good=0)
             if self.epochs is not None and self.state["epoch"] >= self.epochs:
                 self.state["done"] = True
@@ -71,8 +86,9 @@ class DatasetStream:
                 return None
             key, record = got
             try:
-                sample = parse_record(record, self.cfg.format, key, self.cfg.image_key, self.cfg.text_key,
-                                      self.cfg.min_similarity)
+                sample = parse_record(
+                    record, self.cfg.format, key, self.cfg.image_key, self.cfg.text_key, self.cfg.min_similarity
+                )
                 sample, frames = self.encoder.decode(sample, self.cfg.image_root, self.cfg.num_frames)
             except BadSample as e:
                 self.counter.add(e, key=key, source=self.source.name)
@@ -81,7 +97,7 @@ class DatasetStream:
             self._seq += 1
             return sample, frames, before, self._seq
 
-    def next(self) -> Optional[Encoded]:
+    def next(self) -> Encoded | None:
         """The next Encoded sample, or None when this reader's share is exhausted."""
         failures = 0
         while True:
@@ -95,8 +111,10 @@ class DatasetStream:
                 self.counter.add(e, key=sample.key, source=self.source.name)
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_FAILURES:
-                    raise DataError(f"dataset {self.source.name!r}: {failures} samples in a row could not be "
-                                    f"encoded ({dict(self.counter.counts)}); check data.max_tokens / max_images") from e
+                    raise DataError(
+                        f"dataset {self.source.name!r}: {failures} samples in a row could not be "
+                        f"encoded ({dict(self.counter.counts)}); check data.max_tokens / max_images"
+                    ) from e
 
     def state_dict(self) -> dict:
         """Where to resume. With a repeat buffer: before the oldest buffered sample (it gets re-read)."""

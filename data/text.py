@@ -34,8 +34,10 @@ def media_token_ids(tokenizer) -> tuple[int, int]:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN)}
     missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
     if missing:
-        raise ValueError(f"the tokenizer lacks {missing}; call lmm.tokens.add_media_tokens(tokenizer) "
-                         "(and resize the model's embeddings) before building data")
+        raise ValueError(
+            f"the tokenizer lacks {missing}; call lmm.tokens.add_media_tokens(tokenizer) "
+            "(and resize the model's embeddings) before building data"
+        )
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; lmm.tokens.add_media_tokens(tokenizer) sets one")
     return ids[IMAGE_TOKEN], ids[END_OF_CHUNK_TOKEN]
@@ -84,8 +86,10 @@ def _render(tokenizer, messages, generation_prompt=False) -> str:
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversation data needs a tokenizer with a chat template "
-                         "(set tokenizer.chat_template, or use an instruct model's tokenizer)")
+        raise ValueError(
+            "conversation data needs a tokenizer with a chat template "
+            "(set tokenizer.chat_template, or use an instruct model's tokenizer)"
+        )
     full = _render(tokenizer, messages)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
@@ -114,7 +118,7 @@ def encode_conversation(messages: list[dict], tokenizer) -> Tokenized:
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
     j = 0
-    for t, (s, e) in enumerate(enc["offset_mapping"]):
+    for t, (s, _end) in enumerate(enc["offset_mapping"]):
         while j < len(spans) and s >= spans[j][1]:
             j += 1
         if j < len(spans) and spans[j][0] <= s < spans[j][1] and ids[t] != image_id:

@@ -1,26 +1,42 @@
-"""lmm.eval: few-shot benchmark evaluation (Flamingo / OpenFlamingo protocol) with reference-exact metrics.
+"""lmm.eval: few-shot benchmark evaluation (Flamingo / OpenFlamingo protocol) with reference-exact metrics,
+and chat-style evaluation of held-out conversation sets (exact match / choice, with a blind baseline).
 
 Python entry points:
-    from lmm.eval import EvalConfig, evaluate, evaluate_easy_vqa, print_summary
+    from lmm.eval import EvalConfig, evaluate, evaluate_task, print_summary
     report = evaluate(model, EvalConfig(tasks=["coco", "vqav2"], shots=[0, 4], data_root="/data", limit=100,
                                         out="results.json"))
     print_summary(report)
-    evaluate_easy_vqa(model, limit=1000)["accuracy"]
+    evaluate_task(model, "easyvqa", limit=1000)["metrics"]["accuracy"]
+    evaluate_task(model, ConversationTask.from_file("heldout.json", metric="choice"), blind=True)
 
-Command line: `lmm eval --model DIR --tasks coco,vqav2 --shots 0,4,8 --data-root PATH [--limit N] [--out results.json]`.
+Command line: `lmm eval --model DIR --tasks coco,vqav2 --shots 0,4,8 --data-root PATH [--limit N] [--out results.json]`,
+`lmm eval --model DIR --data heldout.json --format conversation [--metric exact_match|choice]`.
 
-Modules: `tasks` (datasets and their file layouts), `prompts` (every template), `metrics` and
-`vqa_normalize` (scorers), `rices` (demo retrieval), `harness` (the loop), `results` (shards, JSON,
-summary table), `easyvqa` (the demo benchmark).
+Modules: `task` (the interface every task implements), `tasks` (benchmark datasets and their file layouts),
+`benchmarks` (the Flamingo-protocol tasks), `conversation` (chat tasks over conversation data), `easyvqa` (the
+demo benchmark), `registry` (task names), `prompts` (every template), `metrics` and `vqa_normalize` (scorers),
+`rices` (demo retrieval), `harness` (the loop), `results` (shards, JSON, summary table).
 """
 
 from __future__ import annotations
 
 _EXPORTS = {
-    "EvalConfig": "harness", "EvalConfigError": "harness", "evaluate": "harness", "print_summary": "harness",
-    "evaluate_easy_vqa": "easyvqa", "TASKS": "tasks", "TaskDataError": "tasks",
-    "vqa_accuracy": "vqa_normalize", "normalize_answer": "vqa_normalize",
-    "caption_metrics": "metrics", "RICES": "rices",
+    "EvalConfig": "harness",
+    "evaluate": "harness",
+    "evaluate_task": "harness",
+    "print_summary": "harness",
+    "EvalConfigError": "task",
+    "EvalTask": "task",
+    "TaskDataError": "task",
+    "Sample": "task",
+    "TaskData": "task",
+    "TASKS": "registry",
+    "get_task": "registry",
+    "ConversationTask": "conversation",
+    "vqa_accuracy": "vqa_normalize",
+    "normalize_answer": "vqa_normalize",
+    "caption_metrics": "metrics",
+    "RICES": "rices",
 }
 __all__ = sorted(_EXPORTS)
 

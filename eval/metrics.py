@@ -6,7 +6,7 @@
   while a METEOR that cannot run is reported as `None` with the reason under "notes".
 - VQA: the official VQA accuracy (see `lmm.eval.vqa_normalize`).
 - HatefulMemes: ROC-AUC with scikit-learn.
-- Classification: top-1 / top-5 accuracy; easy-vqa: exact match.
+- Classification: top-1 / top-5 accuracy; conversation tasks (easy-vqa ...): exact match.
 
 Every function returns the library's own scale (CIDEr as pycocoevalcap gives it, accuracies in
 [0, 1]); the harness reports them x100, as the Flamingo / OpenFlamingo tables do.
@@ -24,8 +24,10 @@ from collections.abc import Mapping, Sequence
 
 from .vqa_normalize import vqa_accuracy
 
-JAVA_HINT = ("install a Java runtime (e.g. `apt-get install default-jre-headless`) so that `java` is on PATH; "
-             "pycocoevalcap's PTBTokenizer and METEOR need it")
+JAVA_HINT = (
+    "install a Java runtime (e.g. `apt-get install default-jre-headless`) so that `java` is on PATH; "
+    "pycocoevalcap's PTBTokenizer and METEOR need it"
+)
 
 
 class JavaMissingError(RuntimeError):
@@ -110,8 +112,9 @@ def _meteor(gts: dict, res: dict) -> tuple[float | None, str | None]:
         return None, f"METEOR not computed: the METEOR jar failed ({type(e).__name__}: {e})"
 
 
-def caption_metrics(predictions: Mapping[object, str], references: Mapping[object, Sequence[str]],
-                    meteor: bool = True) -> dict:
+def caption_metrics(
+    predictions: Mapping[object, str], references: Mapping[object, Sequence[str]], meteor: bool = True
+) -> dict:
     """CIDEr, BLEU-4 (and METEOR) of one caption per key against that key's reference captions.
 
     Returns {"cider": float, "bleu4": float, "meteor": float | None, "per_sample_cider": {key: float},
@@ -123,9 +126,11 @@ def caption_metrics(predictions: Mapping[object, str], references: Mapping[objec
     if set(predictions) != set(references):
         missing = set(references) - set(predictions)
         extra = set(predictions) - set(references)
-        raise ValueError(f"predictions and references must cover the same samples "
-                         f"(missing predictions: {sorted(map(str, missing))[:5]}, "
-                         f"predictions without references: {sorted(map(str, extra))[:5]})")
+        raise ValueError(
+            f"predictions and references must cover the same samples "
+            f"(missing predictions: {sorted(map(str, missing))[:5]}, "
+            f"predictions without references: {sorted(map(str, extra))[:5]})"
+        )
     if not predictions:
         raise ValueError("no captions to score")
     empty = [k for k, v in references.items() if not v]
@@ -136,8 +141,13 @@ def caption_metrics(predictions: Mapping[object, str], references: Mapping[objec
     cider, per_sample = Cider().compute_score(gts, res)
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internal counts
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    out = {"cider": float(cider), "bleu4": float(bleu[3]), "meteor": None,
-           "per_sample_cider": {k: float(s) for k, s in zip(gts.keys(), per_sample)}, "notes": []}
+    out = {
+        "cider": float(cider),
+        "bleu4": float(bleu[3]),
+        "meteor": None,
+        "per_sample_cider": {k: float(s) for k, s in zip(gts.keys(), per_sample)},
+        "notes": [],
+    }
     if meteor:
         out["meteor"], note = _meteor(gts, res)
         if note:
@@ -159,8 +169,13 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> dict:
 
     labels = [int(x) for x in labels]
     if len(set(labels)) < 2:
-        return {"roc_auc": None, "notes": [f"ROC-AUC undefined: all {len(labels)} evaluated samples have label "
-                                           f"{labels[0] if labels else '-'}; evaluate more samples (raise --limit)"]}
+        return {
+            "roc_auc": None,
+            "notes": [
+                f"ROC-AUC undefined: all {len(labels)} evaluated samples have label "
+                f"{labels[0] if labels else '-'}; evaluate more samples (raise --limit)"
+            ],
+        }
     scores = [float(s) for s in scores]
     if any(math.isnan(s) for s in scores):
         raise ValueError("ROC-AUC got NaN scores: the model's log-likelihoods contain NaN")
@@ -180,7 +195,7 @@ def topk_accuracy(labels: Sequence[int], rankings: Sequence[Sequence[int]], ks: 
 
 
 def normalize_exact(text: str) -> str:
-    """Exact-match normalisation for easy-vqa: lower-case, strip spaces and a final period."""
+    """Exact-match normalisation for short chat answers: lower-case, strip spaces and a final period."""
     return text.strip().lower().rstrip(".").strip()
 
 
@@ -189,6 +204,6 @@ def exact_match_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> 
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
     if not answers:
-        raise ValueError("no easy-vqa predictions to score")
+        raise ValueError("no predictions to score")
     correct = sum(normalize_exact(p) == normalize_exact(a) for p, a in zip(predictions, answers))
     return {"accuracy": correct / len(answers), "correct": int(correct), "n": len(answers)}

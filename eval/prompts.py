@@ -9,8 +9,8 @@ template filled in. A few-shot prompt is the demonstrations concatenated, then t
 Zero-shot follows OpenFlamingo: two demonstrations are still drawn, but their `<image>` tokens are
 removed (text-only demonstrations), so the model sees the format without any other image.
 
-easy-vqa is not here: its demo model is instruction-tuned, and its prompt is the model's chat
-format (see `lmm.eval.easyvqa.build_easy_vqa_messages`).
+Chat tasks (easy-vqa, held-out conversation sets) are not here: their models are instruction-tuned,
+and their prompt is the model's own chat format (see `lmm.eval.conversation`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class PromptTemplate:
 CAPTION = PromptTemplate(f"{IMAGE_TOKEN}Output:{{answer}}{END_OF_CHUNK_TOKEN}")
 VQA = PromptTemplate(f"{IMAGE_TOKEN}Question:{{question}} Short answer:{{answer}}{END_OF_CHUNK_TOKEN}")
 HATEFUL_MEMES = PromptTemplate(
-    f"{IMAGE_TOKEN}is an image with: '{{question}}' written on it. Is it hateful? Answer:{{answer}}{END_OF_CHUNK_TOKEN}")
+    f"{IMAGE_TOKEN}is an image with: '{{question}}' written on it. Is it hateful? Answer:{{answer}}{END_OF_CHUNK_TOKEN}"
+)
 CLASSIFICATION = PromptTemplate(f"{IMAGE_TOKEN}A photo of a {{answer}}{END_OF_CHUNK_TOKEN}")
 
 # HatefulMemes answers, by label (0 = not hateful, 1 = hateful).
@@ -62,8 +63,9 @@ GENERATION = {
 ZERO_SHOT_TEXT_DEMOS = 2
 
 
-def build_prompt(template: PromptTemplate, demos: list[tuple[str, str]], query_question: str = "",
-                 text_only_demos: bool = False) -> str:
+def build_prompt(
+    template: PromptTemplate, demos: list[tuple[str, str]], query_question: str = "", text_only_demos: bool = False
+) -> str:
     """Concatenate demonstrations (answer, question) and the query; strip demo images if text-only."""
     context = "".join(template.demo(answer=a, question=q) for a, q in demos)
     if text_only_demos:
@@ -89,5 +91,5 @@ def ranking_inputs(prompt: str, classes) -> tuple[str, list[str]]:
     inside running text; every candidate ends with the end-of-chunk token, so a class name that is a
     prefix of another ("dog" / "dog sled") cannot win by stopping early."""
     stripped = prompt.rstrip(" ")
-    lead = prompt[len(stripped):]
+    lead = prompt[len(stripped) :]
     return stripped, [lead + c + END_OF_CHUNK_TOKEN for c in classes]

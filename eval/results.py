@@ -78,7 +78,8 @@ def aggregate_trials(trials: list[dict]) -> tuple[dict, dict]:
 
 
 def summary_table(results: dict) -> str:
-    """A plain-text table: one row per task and shot count, primary metric as mean ± std."""
+    """A plain-text table: one row per task and shot count, primary metric as mean ± std; then the blind
+    baseline's metrics (the same model without media), where it was run."""
     rows = [("task", "shots", "metric", "score", "trials", "n")]
     for task, by_shots in results.items():
         for shots, r in by_shots.items():
@@ -86,6 +87,10 @@ def summary_table(results: dict) -> str:
             m, s = r["mean"].get(metric), r["std"].get(metric)
             score = "n/a" if m is None else (f"{m:.2f}" if len(r["trials"]) == 1 else f"{m:.2f} ± {s:.2f}")
             rows.append((task, str(shots), metric, score, str(len(r["trials"])), str(r["n"])))
+        first = next(iter(by_shots.values()), {})
+        for key, value in (first.get("blind") or {}).items():  # shot-independent: once per task
+            if isinstance(value, float):
+                rows.append((f"{task}[blind]", "0", key, f"{value:.2f}", "1", str(first["n"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

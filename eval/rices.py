@@ -28,10 +28,11 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def embed_paths(embed: EmbedFn, paths: Sequence[str], batch_size: int = 32, progress: bool = False,
-                desc: str = "RICES features") -> torch.Tensor:
+def embed_paths(
+    embed: EmbedFn, paths: Sequence[str], batch_size: int = 32, progress: bool = False, desc: str = "RICES features"
+) -> torch.Tensor:
     """Features of the images at `paths`, in batches, as an (N, D) L2-normalised float tensor."""
-    from .tasks import load_image
+    from .task import load_image
 
     chunks = []
     starts = range(0, len(paths), batch_size)
@@ -41,7 +42,7 @@ def embed_paths(embed: EmbedFn, paths: Sequence[str], batch_size: int = 32, prog
         starts = tqdm(starts, desc=desc, unit="batch")
     with torch.no_grad():
         for i in starts:
-            chunks.append(_normalize(embed([load_image(p) for p in paths[i:i + batch_size]])))
+            chunks.append(_normalize(embed([load_image(p) for p in paths[i : i + batch_size]])))
     if not chunks:
         raise ValueError("no images to embed")
     return torch.cat(chunks)
@@ -62,8 +63,9 @@ class FeatureCache:
         h = hashlib.sha256(json.dumps([self.model_id, list(paths)]).encode()).hexdigest()[:16]
         return self.dir / f"{name}-{h}.pt"
 
-    def get(self, name: str, paths: Sequence[str], embed: EmbedFn, batch_size: int = 32,
-            progress: bool = False) -> torch.Tensor:
+    def get(
+        self, name: str, paths: Sequence[str], embed: EmbedFn, batch_size: int = 32, progress: bool = False
+    ) -> torch.Tensor:
         file = self.path_for(name, paths)
         if file.exists():
             saved = torch.load(file, map_location="cpu", weights_only=True)
@@ -84,8 +86,15 @@ class RICES:
         self.train = _normalize(train_features)
 
     @classmethod
-    def from_paths(cls, embed: EmbedFn, train_paths: Sequence[str], cache: FeatureCache | None = None,
-                   name: str = "train", batch_size: int = 32, progress: bool = False) -> RICES:
+    def from_paths(
+        cls,
+        embed: EmbedFn,
+        train_paths: Sequence[str],
+        cache: FeatureCache | None = None,
+        name: str = "train",
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> RICES:
         if cache is not None:
             return cls(cache.get(name, train_paths, embed, batch_size=batch_size, progress=progress))
         return cls(embed_paths(embed, train_paths, batch_size=batch_size, progress=progress))
@@ -99,12 +108,14 @@ class RICES:
         if k <= 0:
             return [[] for _ in range(len(query_features))]
         if k > len(self.train):
-            raise ValueError(f"RICES asked for {k} demonstrations but the train split has only {len(self.train)} "
-                             f"distinct images; lower --shots")
+            raise ValueError(
+                f"RICES asked for {k} demonstrations but the train split has only {len(self.train)} "
+                f"distinct images; lower --shots"
+            )
         queries = _normalize(query_features)
         out: list[list[int]] = []
         for i in range(0, len(queries), chunk):
-            sims = queries[i:i + chunk] @ self.train.T  # (q, N)
+            sims = queries[i : i + chunk] @ self.train.T  # (q, N)
             # A stable sort on -similarity keeps the lower index first among equal similarities.
             order = torch.sort(-sims, dim=-1, stable=True).indices[:, :k]
             out += [list(reversed(row.tolist())) for row in order]

@@ -15,9 +15,10 @@ flickr30k (Flickr30k, Karpathy split; same metrics)
     test = "test"; demos = "train".
 
 vqav2 (VQAv2; official VQA accuracy)
-    vqav2/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json   {"questions": [{"question_id", "image_id", "question"}]}
-    vqav2/v2_mscoco_{train2014,val2014}_annotations.json           {"annotations": [{"question_id", "answers": [{"answer"}],
-                                                                   "multiple_choice_answer", ...}]}
+    vqav2/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json
+        {"questions": [{"question_id", "image_id", "question"}]}
+    vqav2/v2_mscoco_{train2014,val2014}_annotations.json
+        {"annotations": [{"question_id", "answers": [{"answer"}], "multiple_choice_answer", ...}]}
     vqav2/{train2014,val2014}/COCO_{split}_{image_id:012d}.jpg     (or coco/{train2014,val2014}/...)
     test = val2014; demos = train2014.
 
@@ -46,7 +47,10 @@ imagenet (any ImageNet-style folder dataset; class by log-likelihood of the clas
     imagenet/classnames.json                optional {"<class_dir>": "class name"}; otherwise the folder
                                             name with "_" read as a space
 
-easyvqa (the `easy_vqa` package's own data; exact-match accuracy; nothing needed under --data-root)
+easyvqa (the `easy_vqa` package's own data; nothing needed under --data-root): see `lmm.eval.easyvqa`.
+
+The tasks that use these loaders (prompt templates, generation, metrics) are in `lmm.eval.benchmarks`; the
+names `--tasks` accepts are in `lmm.eval.registry`.
 """
 
 from __future__ import annotations
@@ -54,44 +58,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import prompts
-
-
-class TaskDataError(ValueError):
-    """A task's files are missing or not in the expected format; the message says what to fix."""
-
-
-@dataclass
-class Sample:
-    """One image with its text: `answers` are the reference captions, the human answers, or the class name."""
-
-    id: str
-    image: str
-    question: str = ""
-    answers: tuple[str, ...] = ()
-    target: str = ""          # the answer used when this sample is a demonstration
-    label: int | None = None  # class index (classification, HatefulMemes)
-
-
-@dataclass
-class TaskData:
-    train: list[Sample]
-    test: list[Sample]
-    classes: tuple[str, ...] = ()
-    files: list[str] = field(default_factory=list)  # what was read, for the results JSON
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    kind: str  # "caption" | "vqa" | "hateful" | "classify" | "easyvqa"
-    template: prompts.PromptTemplate | None
-    load: Callable[[Path], TaskData]
-    primary_metric: str
-
+from .task import Sample, TaskData, TaskDataError, load_image  # noqa: F401  (load_image: re-exported)
 
 LAYOUT_HELP = "`python -m pydoc lmm.eval.tasks`"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -99,10 +69,13 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 # ---------------------------------------------------------------- helpers
 
+
 def _need(path: Path, task: str, what: str) -> Path:
     if not path.exists():
-        raise TaskDataError(f"{task}: {what} not found at {path}. Put the official file there or pass the "
-                            f"right --data-root (expected layout: {LAYOUT_HELP}).")
+        raise TaskDataError(
+            f"{task}: {what} not found at {path}. Put the official file there or pass the "
+            f"right --data-root (expected layout: {LAYOUT_HELP})."
+        )
     return path
 
 
@@ -118,8 +91,10 @@ def _first_dir(task: str, candidates: list[Path]) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    raise TaskDataError(f"{task}: image folder not found; expected one of: {', '.join(map(str, candidates))} "
-                        f"(check --data-root; layout: {LAYOUT_HELP})")
+    raise TaskDataError(
+        f"{task}: image folder not found; expected one of: {', '.join(map(str, candidates))} "
+        f"(check --data-root; layout: {LAYOUT_HELP})"
+    )
 
 
 def _most_common(answers: list[str]) -> str:
@@ -135,6 +110,7 @@ def _key(obj: dict, key: str, task: str, path: Path):
 
 
 # ---------------------------------------------------------------- captioning (Karpathy JSON)
+
 
 def _karpathy(task: str, json_path: Path, image_dir_for: Callable[[dict], Path], test_splits, train_splits) -> TaskData:
     data = _read_json(_need(json_path, task, "the Karpathy split JSON"), task)
@@ -155,8 +131,13 @@ def _karpathy(task: str, json_path: Path, image_dir_for: Callable[[dict], Path],
 
 def load_coco(root: Path) -> TaskData:
     base = root / "coco"
-    return _karpathy("coco", base / "dataset_coco.json", lambda img: base / img.get("filepath", ""),
-                     test_splits={"test"}, train_splits={"train", "restval"})
+    return _karpathy(
+        "coco",
+        base / "dataset_coco.json",
+        lambda img: base / img.get("filepath", ""),
+        test_splits={"test"},
+        train_splits={"train", "restval"},
+    )
 
 
 def load_flickr30k(root: Path) -> TaskData:
@@ -169,11 +150,14 @@ def load_flickr30k(root: Path) -> TaskData:
 
 # ---------------------------------------------------------------- VQA formats
 
+
 def _vqa_split(task: str, q_path: Path, a_path: Path, image_dir: Path, coco_split: str) -> list[Sample]:
     questions = _read_json(_need(q_path, task, "the questions JSON"), task)
     annotations = _read_json(_need(a_path, task, "the annotations JSON"), task)
     if "questions" not in questions or "annotations" not in annotations:
-        raise TaskDataError(f"{task}: expected {{'questions': [...]}} in {q_path} and {{'annotations': [...]}} in {a_path}")
+        raise TaskDataError(
+            f"{task}: expected {{'questions': [...]}} in {q_path} and {{'annotations': [...]}} in {a_path}"
+        )
     by_qid = {a["question_id"]: a for a in annotations["annotations"]}
     out = []
     for q in questions["questions"]:
@@ -222,8 +206,15 @@ def load_textvqa(root: Path) -> TaskData:
         samples = []
         for d in data["data"]:
             answers = tuple(_key(d, "answers", "textvqa", path))
-            samples.append(Sample(id=str(d["question_id"]), image=str(images / f"{d['image_id']}.jpg"),
-                                  question=d["question"], answers=answers, target=_most_common(list(answers))))
+            samples.append(
+                Sample(
+                    id=str(d["question_id"]),
+                    image=str(images / f"{d['image_id']}.jpg"),
+                    question=d["question"],
+                    answers=answers,
+                    target=_most_common(list(answers)),
+                )
+            )
         splits[split] = samples
         files.append(str(path))
     return TaskData(train=splits["train"], test=splits["val"], files=files)
@@ -242,14 +233,22 @@ def load_vizwiz(root: Path) -> TaskData:
         for d in data:
             name = _key(d, "image", "vizwiz", path)
             answers = tuple(a["answer"] for a in _key(d, "answers", "vizwiz", path))
-            samples.append(Sample(id=Path(name).stem, image=str(image_dir / name), question=d["question"],
-                                  answers=answers, target=_most_common(list(answers))))
+            samples.append(
+                Sample(
+                    id=Path(name).stem,
+                    image=str(image_dir / name),
+                    question=d["question"],
+                    answers=answers,
+                    target=_most_common(list(answers)),
+                )
+            )
         splits[split] = samples
         files.append(str(path))
     return TaskData(train=splits["train"], test=splits["val"], files=files)
 
 
 # ---------------------------------------------------------------- HatefulMemes
+
 
 def _read_jsonl(path: Path, task: str) -> list[dict]:
     rows = []
@@ -274,18 +273,32 @@ def load_hatefulmemes(root: Path) -> TaskData:
         samples = []
         for d in _read_jsonl(path, "hatefulmemes"):
             if "label" not in d:
-                raise TaskDataError(f"hatefulmemes: {path} has entries without 'label' (the unlabelled test "
-                                    f"release?); use a labelled split such as test_seen.jsonl or dev_seen.jsonl")
+                raise TaskDataError(
+                    f"hatefulmemes: {path} has entries without 'label' (the unlabelled test "
+                    f"release?); use a labelled split such as test_seen.jsonl or dev_seen.jsonl"
+                )
             label = int(d["label"])
-            samples.append(Sample(id=str(d["id"]), image=str(base / d["img"]), question=d["text"],
-                                  target=prompts.HATEFUL_MEMES_CLASSES[label], label=label,
-                                  answers=(prompts.HATEFUL_MEMES_CLASSES[label],)))
+            samples.append(
+                Sample(
+                    id=str(d["id"]),
+                    image=str(base / d["img"]),
+                    question=d["text"],
+                    target=prompts.HATEFUL_MEMES_CLASSES[label],
+                    label=label,
+                    answers=(prompts.HATEFUL_MEMES_CLASSES[label],),
+                )
+            )
         splits[split] = samples
-    return TaskData(train=splits["train"], test=splits["test"], classes=prompts.HATEFUL_MEMES_CLASSES,
-                    files=[str(train_path), str(test_path)])
+    return TaskData(
+        train=splits["train"],
+        test=splits["test"],
+        classes=prompts.HATEFUL_MEMES_CLASSES,
+        files=[str(train_path), str(test_path)],
+    )
 
 
 # ---------------------------------------------------------------- ImageNet-style folders
+
 
 def load_imagenet(root: Path) -> TaskData:
     base = root / "imagenet"
@@ -307,79 +320,13 @@ def load_imagenet(root: Path) -> TaskData:
             for img in sorted(folder.joinpath(d).iterdir()):
                 if img.suffix.lower() in IMAGE_EXTS:
                     i = index[d]
-                    samples.append(Sample(id=f"{d}/{img.name}", image=str(img), answers=(classes[i],),
-                                          target=classes[i], label=i))
+                    samples.append(
+                        Sample(id=f"{d}/{img.name}", image=str(img), answers=(classes[i],), target=classes[i], label=i)
+                    )
         splits[split] = samples
-    return TaskData(train=splits["train"], test=splits["test"], classes=classes,
-                    files=[str(train_dir), str(test_dir)] + ([str(names_path)] if names else []))
-
-
-# ---------------------------------------------------------------- easy-vqa
-
-def load_easyvqa(root: Path | None = None) -> TaskData:
-    """The easy_vqa package's 38,575 train / 9,673 test questions over 64x64 PNGs (ids = question index)."""
-    try:
-        import easy_vqa
-    except ImportError as e:
-        raise TaskDataError("easyvqa: the `easy-vqa` package is not installed; `pip install easy-vqa` "
-                            "(or `pip install lmm[demo]`)") from e
-    splits = {}
-    for split, (qs, paths) in {"train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
-                               "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths)}.items():
-        texts, answers, image_ids = qs()
-        image_paths = paths()
-        splits[split] = [Sample(id=str(i), image=image_paths[img], question=q, answers=(a,), target=a)
-                         for i, (q, a, img) in enumerate(zip(texts, answers, image_ids))]
-    return TaskData(train=splits["train"], test=splits["test"], classes=tuple(easy_vqa.get_answers()),
-                    files=["easy_vqa package data"])
-
-
-# ---------------------------------------------------------------- registry
-
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("coco", "caption", prompts.CAPTION, load_coco, "cider"),
-    Task("flickr30k", "caption", prompts.CAPTION, load_flickr30k, "cider"),
-    Task("vqav2", "vqa", prompts.VQA, load_vqav2, "vqa_accuracy"),
-    Task("okvqa", "vqa", prompts.VQA, load_okvqa, "vqa_accuracy"),
-    Task("textvqa", "vqa", prompts.VQA, load_textvqa, "vqa_accuracy"),
-    Task("vizwiz", "vqa", prompts.VQA, load_vizwiz, "vqa_accuracy"),
-    Task("hatefulmemes", "hateful", prompts.HATEFUL_MEMES, load_hatefulmemes, "roc_auc"),
-    Task("imagenet", "classify", prompts.CLASSIFICATION, load_imagenet, "top1_accuracy"),
-    Task("easyvqa", "easyvqa", None, load_easyvqa, "accuracy"),
-)}
-ALIASES = {"flickr": "flickr30k", "ok-vqa": "okvqa", "ok_vqa": "okvqa", "vqa": "vqav2", "vqa2": "vqav2",
-           "hateful_memes": "hatefulmemes", "hm": "hatefulmemes", "easy-vqa": "easyvqa", "easy_vqa": "easyvqa",
-           "classification": "imagenet"}
-
-
-def get_task(name: str) -> Task:
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in TASKS:
-        import difflib
-
-        near = difflib.get_close_matches(key, list(TASKS), n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise TaskDataError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(TASKS)}")
-    return TASKS[key]
-
-
-def parse_tasks(spec: str) -> list[Task]:
-    names = [n for n in (s.strip() for s in spec.split(",")) if n]
-    if not names:
-        raise TaskDataError(f"--tasks is empty; choose from: {', '.join(TASKS)}")
-    return [get_task(n) for n in names]
-
-
-def load_image(path: str):
-    """Open an image as RGB, with an error naming the file when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise TaskDataError(f"image not found: {path} (the annotation file names it; check --data-root and "
-                            f"the image folder layout: {LAYOUT_HELP})") from None
-    except UnidentifiedImageError as e:
-        raise TaskDataError(f"cannot read image {path}: {e}") from e
+    return TaskData(
+        train=splits["train"],
+        test=splits["test"],
+        classes=classes,
+        files=[str(train_dir), str(test_dir)] + ([str(names_path)] if names else []),
+    )

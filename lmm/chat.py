@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from lmm.tokens import IMAGE_TOKEN
 
-FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}Assistant:{% endif %}")
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def _content_to_text(content, images: list) -> str:
@@ -48,8 +50,9 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                    system_prompt: str | None = None) -> tuple[str, list]:
+def render_messages(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True, system_prompt: str | None = None
+) -> tuple[str, list]:
     """(prompt text, images in order). Image parts may be PIL images or paths (data: URLs are decoded by the server)."""
     images: list = []
     flat = []
@@ -59,6 +62,7 @@ def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool
             raise ValueError(f"each message needs 'role' and 'content': {m}")
         flat.append({"role": m["role"], "content": _content_to_text(m["content"], images)})
     template = tokenizer.chat_template if getattr(tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
-    text = tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
+    text = tokenizer.apply_chat_template(
+        flat, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
     return text, images

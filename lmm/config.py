@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -31,8 +31,9 @@ def require_bitsandbytes(what: str, fix: str) -> None:
     import torch
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{what} needs the bitsandbytes package: pip install 'lmm[quant]' (or pip install "
-                          f"bitsandbytes), or {fix}")
+        raise ConfigError(
+            f"{what} needs the bitsandbytes package: pip install 'lmm[quant]' (or pip install bitsandbytes), or {fix}"
+        )
     if not torch.cuda.is_available():
         raise ConfigError(f"{what} needs a CUDA GPU (bitsandbytes' 4-bit and 8-bit kernels); {fix} on this machine")
 
@@ -69,15 +70,15 @@ class VisionConfig:
 
     kind: Literal["open_clip", "hf"] = "open_clip"
     name: str = "ViT-B-32"  # open_clip model name (may be registered from `model_cfg`)
-    pretrained: Optional[str] = None  # local checkpoint path for open_clip
-    path: Optional[str] = None  # HF folder for kind=hf
-    hf_config: Optional[dict] = None  # HF vision config dict (model_type clip_vision_model / siglip_vision_model)
-    model_cfg: Optional[dict] = None  # open_clip model config dict, registered under `name`
+    pretrained: str | None = None  # local checkpoint path for open_clip
+    path: str | None = None  # HF folder for kind=hf
+    hf_config: dict | None = None  # HF vision config dict (model_type clip_vision_model / siglip_vision_model)
+    model_cfg: dict | None = None  # open_clip model config dict, registered under `name`
     layer: int = -1  # which hidden layer's patch tokens to use (-1: final, -2: penultimate ...)
     include_cls: bool = True  # keep the CLS/pooled token among the visual tokens
-    image_size: Optional[int] = None  # override the preprocessing size (default: tower's own)
-    mean: Optional[list[float]] = None  # override preprocessing normalisation
-    std: Optional[list[float]] = None
+    image_size: int | None = None  # override the preprocessing size (default: tower's own)
+    mean: list[float] | None = None  # override preprocessing normalisation
+    std: list[float] | None = None
 
 
 @dataclass
@@ -86,7 +87,7 @@ class EncoderConfig:
     in `lmm.encoders.ENCODERS`, `options` go to it, `token` marks the media in text (default `<modality>`)."""
 
     kind: str = ""
-    token: Optional[str] = None
+    token: str | None = None
     options: dict = field(default_factory=dict)
 
 
@@ -94,10 +95,10 @@ class EncoderConfig:
 class LanguageConfig:
     """Frozen causal LM: an HF folder (`path`), a GGUF file inside it (`gguf_file`), or a config dict."""
 
-    path: Optional[str] = None
-    gguf_file: Optional[str] = None
-    hf_config: Optional[dict] = None  # e.g. {"model_type": "llama", "hidden_size": 64, ...}: random weights
-    tokenizer_path: Optional[str] = None  # default: `path`
+    path: str | None = None
+    gguf_file: str | None = None
+    hf_config: dict | None = None  # e.g. {"model_type": "llama", "hidden_size": 64, ...}: random weights
+    tokenizer_path: str | None = None  # default: `path`
     # "auto": transformers' choice (SDPA where the family supports it, eager otherwise, e.g. Gemma-2's soft-capped
     # attention); or "sdpa", "eager", "flash_attention_2", "flex_attention"
     attn_implementation: str = "auto"
@@ -120,7 +121,7 @@ class PerceiverConfig:
 class CrossAttnConfig:
     every: int = 4  # a gated xattn block before every Nth decoder layer
     first_layer: int = 0  # index of the first decoder layer that gets one
-    layers: Optional[list[int]] = None  # explicit layer indices (overrides every/first_layer)
+    layers: list[int] | None = None  # explicit layer indices (overrides every/first_layer)
     heads: int = 8
     head_dim: int = 64
     ff_mult: int = 4
@@ -156,7 +157,7 @@ class BridgeConfig:
     # LMM.similarity scores images against texts with it)
     contrastive_dim: int = 0
     # its text side: hidden states entering this decoder layer in a text-only pass (default: the middle layer)
-    contrastive_text_layer: Optional[int] = None
+    contrastive_text_layer: int | None = None
 
 
 @dataclass
@@ -180,7 +181,7 @@ class LMMConfig(YamlConfig):
     lora: LoraSettings = field(default_factory=LoraSettings)
     dtype: str = "auto"  # frozen weights: auto = bf16 on CUDA, fp32 on CPU
     name: str = "lmm"
-    system_prompt: Optional[str] = None  # chat: used when a conversation brings no system message
+    system_prompt: str | None = None  # chat: used when a conversation brings no system message
 
 
 # --------------------------------------------------------------------------- generic loading

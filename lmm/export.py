@@ -59,8 +59,7 @@ def export_merged(src: str | Path | nn.Module, out: str | Path, device: str = "c
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m lmm.export SRC_MODEL_DIR OUT_DIR   (merge LoRA adapters into the LM)",
-              file=sys.stderr)
+        print("usage: python -m lmm.export SRC_MODEL_DIR OUT_DIR   (merge LoRA adapters into the LM)", file=sys.stderr)
         raise SystemExit(2)
     with torch.no_grad():
         print(f"merged model: {export_merged(args[0], args[1])}")

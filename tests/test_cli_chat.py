@@ -36,17 +36,25 @@ def test_interactive_session_in_a_pty(saved, tmp_path):
     ask = lambda conv: model.chat(conv, max_new_tokens=MAX_NEW)
     conv1 = [user(pil, "what is this?")]
     want1 = ask(conv1)
-    conv2 = conv1 + [{"role": "assistant", "content": want1}, {"role": "user", "content": [
-        {"type": "text", "text": "and the color?"}]}]
+    conv2 = conv1 + [
+        {"role": "assistant", "content": want1},
+        {"role": "user", "content": [{"type": "text", "text": "and the color?"}]},
+    ]
     want2 = ask(conv2)
     assert want1 and want2 and want1.isprintable() and want2.isprintable()
     assert want1 != ask([{"role": "user", "content": "what is this?"}]), "the answer should depend on the image"
 
     # SIGINT back to default in the child: a test run launched in the background (`cmd &` in a script) starts
     # with SIGINT ignored, which the chat would inherit, and then Ctrl-C could not reach it
-    child = pexpect.spawn(LMM_BIN, ["chat", "--model", str(d / "model"), "--max-new-tokens", str(MAX_NEW),
-                                    "--device", "cpu"], cwd=str(tmp_path), encoding="utf-8", timeout=120,
-                          dimensions=(50, 400), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child = pexpect.spawn(
+        LMM_BIN,
+        ["chat", "--model", str(d / "model"), "--max-new-tokens", str(MAX_NEW), "--device", "cpu"],
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(50, 400),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         child.expect_exact(PROMPT, timeout=180)
         child.sendline("/help")
@@ -94,8 +102,13 @@ def test_interactive_session_in_a_pty(saved, tmp_path):
         child.expect_exact(PROMPT)
         child.sendline("tell me more")
         child.expect_exact("assistant> ")
-        long_start = ask(conv1 + [{"role": "assistant", "content": want1},
-                                  {"role": "user", "content": [{"type": "text", "text": "tell me more"}]}])
+        long_start = ask(
+            conv1
+            + [
+                {"role": "assistant", "content": want1},
+                {"role": "user", "content": [{"type": "text", "text": "tell me more"}]},
+            ]
+        )
         child.expect_exact(long_start[:2])  # the answer is streaming ...
         child.sendintr()  # ... and Ctrl-C stops it
         child.expect_exact("[interrupted]")
@@ -122,14 +135,27 @@ def run_cli(*args: str):
 def test_one_shot_prompt_prints_the_answer_and_exits(saved):
     model, d, image, pil = saved
     want = model.chat([user(pil, "what is this?")], max_new_tokens=MAX_NEW)
-    out = run_cli("chat", "--model", str(d / "model"), "--image", str(image), "--prompt", "what is this?",
-                  "--max-new-tokens", str(MAX_NEW), "--device", "cpu")
+    out = run_cli(
+        "chat",
+        "--model",
+        str(d / "model"),
+        "--image",
+        str(image),
+        "--prompt",
+        "what is this?",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--device",
+        "cpu",
+    )
     assert out.exit_code == 0, out.output
     assert out.stdout == want + "\n"
 
 
-@pytest.mark.parametrize("flag,value,message", [("--image", "nope.png", "image not found"),
-                                                ("--model", "no-such-model", "not a saved lmm model")])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [("--image", "nope.png", "image not found"), ("--model", "no-such-model", "not a saved lmm model")],
+)
 def test_one_shot_with_a_bad_argument_names_it(saved, tmp_path, flag, value, message):
     _, d, image, _ = saved
     args = {"--model": str(d / "model"), "--image": str(image)}

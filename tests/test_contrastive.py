@@ -11,8 +11,16 @@ from PIL import Image, ImageDraw
 from lmm.config import ConfigError
 from lmm.testing import ListSource, tiny_lmm, tiny_train_config
 
-COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230), "yellow": (240, 230, 20),
-           "white": (250, 250, 250), "black": (5, 5, 5), "purple": (140, 20, 200), "orange": (250, 140, 0)}
+COLOURS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (30, 40, 230),
+    "yellow": (240, 230, 20),
+    "white": (250, 250, 250),
+    "black": (5, 5, 5),
+    "purple": (140, 20, 200),
+    "orange": (250, 140, 0),
+}
 
 
 def pictures():
@@ -43,8 +51,11 @@ def test_loss_is_info_nce_of_pooled_media_and_the_lms_own_text_only_states():
     out = model(**batch, contrastive=True)
     with torch.no_grad():
         # reference text side: the decoder's own hidden_states[2] (entering its middle layer) without any media
-        text = model.lm.base_model(inputs_embeds=model.embed(batch["input_ids"]),
-                                   attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[2]
+        text = model.lm.base_model(
+            inputs_embeds=model.embed(batch["input_ids"]),
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states[2]
         real = batch["attention_mask"].bool()  # (right padding: the pads' position ids differ, and never count)
         got = model.contrastive_text_states(batch["input_ids"], batch["attention_mask"])
         torch.testing.assert_close(got[real], text[real])
@@ -126,8 +137,11 @@ def test_configuration_errors_name_the_fix(tmp_path):
         cfg.validate()
     with pytest.raises(ConfigError, match="packing"):
         tiny_train_config(tmp_path, contrastive_weight=1.0, data={"packing": True}, preset="lmm-tiny").validate()
-    for bad, match in [({"frozen_cache": True}, "frozen_cache"), ({"distributed": "fsdp2"}, "fsdp2"),
-                       ({"data": {"batch_size": 1}}, "2 rows")]:
+    for bad, match in [
+        ({"frozen_cache": True}, "frozen_cache"),
+        ({"distributed": "fsdp2"}, "fsdp2"),
+        ({"data": {"batch_size": 1}}, "2 rows"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             tiny_train_config(tmp_path, contrastive_weight=1.0, preset="lmm-tiny", **bad).validate(world_size=1)
     with pytest.raises(ConfigError, match="bridge.contrastive_dim=256"):

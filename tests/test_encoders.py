@@ -47,8 +47,11 @@ def _inputs(model: LMM, seed: int = 0):
     tok = model.tokenizer
     ids = tok(["<image>a photo of a red circle<audio>the answer is yes"], return_tensors="pt")["input_ids"]
     g = torch.Generator().manual_seed(seed)
-    return ids, torch.rand(1, 1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), \
-        {"audio": torch.randn(1, 1, 1, 16, generator=g)}
+    return (
+        ids,
+        torch.rand(1, 1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+        {"audio": torch.randn(1, 1, 1, 16, generator=g)},
+    )
 
 
 @pytest.mark.parametrize("bridge", ["flamingo", "qformer"])
@@ -77,8 +80,10 @@ def test_toy_modality_trains_its_own_resampler_and_round_trips(toy_kind, tmp_pat
     model.save_pretrained(tmp_path / "m")
     again = LMM.from_pretrained(tmp_path / "m", device="cpu").eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(ids, pixel_values=pix, media_inputs=audio).logits,
-                                   model(ids, pixel_values=pix, media_inputs=audio).logits)
+        torch.testing.assert_close(
+            again(ids, pixel_values=pix, media_inputs=audio).logits,
+            model(ids, pixel_values=pix, media_inputs=audio).logits,
+        )
 
 
 def test_unknown_kind_and_mismatched_media_shapes_are_config_errors(toy_kind):

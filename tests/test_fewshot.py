@@ -15,8 +15,9 @@ def model():
 def test_prompt_format_and_image_order(images):
     demos = [(images[0], "Output: a red circle."), (images[1], "Output: a blue circle.")]
     prompt, ims = build_fewshot_prompt(demos, "Output:", query_image=images[2])
-    assert prompt == ("<image>Output: a red circle.<|endofchunk|><image>Output: a blue circle.<|endofchunk|>"
-                      "<image>Output:")
+    assert prompt == (
+        "<image>Output: a red circle.<|endofchunk|><image>Output: a blue circle.<|endofchunk|><image>Output:"
+    )
     assert ims == [images[0], images[1], images[2]]
 
 

@@ -89,8 +89,9 @@ def test_beam_search_finds_higher_likelihood_than_greedy(models, images):
     m = models["flamingo"]
     prompt = "<image>the answer is"
     greedy = m.generate(prompt, images=[images[0]], max_new_tokens=4, stop_at_end_of_chunk=False)
-    beam = m.generate(prompt, images=[images[0]], max_new_tokens=4, num_beams=4, stop_at_end_of_chunk=False,
-                      length_penalty=0.0)
+    beam = m.generate(
+        prompt, images=[images[0]], max_new_tokens=4, num_beams=4, stop_at_end_of_chunk=False, length_penalty=0.0
+    )
     s = m.score([prompt], [[images[0]]], [greedy, beam])
     if greedy and beam:
         assert s[0, 1] >= s[0, 0] - 1e-4
@@ -121,7 +122,7 @@ def _naive_scores(m, prompts, ims, candidates):
             c_ids = m.tokenizer(c, add_special_tokens=False)["input_ids"]
             ids = torch.cat([enc["input_ids"], torch.tensor([c_ids])], 1)
             lab = torch.full_like(ids, -100)
-            lab[0, -len(c_ids):] = torch.tensor(c_ids)
+            lab[0, -len(c_ids) :] = torch.tensor(c_ids)
             with torch.no_grad():
                 r = m(ids, pixel_values=enc.get("pixel_values"), labels=lab)
             out[i, j] = -r.token_losses.sum()
@@ -151,14 +152,20 @@ def test_media_keys_values_are_projected_once_per_generation(images):
     model = tiny_lmm(gates=0.7, seed=2).eval()
     calls = []
     hooks = [blk.attn.to_kv.register_forward_hook(lambda *a: calls.append(1)) for blk in model.xattn_blocks()]
-    batch = prepare_inputs(model, ["<image>a photo of<image>two", "<image>what color is"],
-                           [[images[0], images[1]], [images[2]]])
+    batch = prepare_inputs(
+        model, ["<image>a photo of<image>two", "<image>what color is"], [[images[0], images[1]], [images[2]]]
+    )
     runs = {}
     for use_cache in (True, False):
         calls.clear()
         cfg = GenerationConfig(max_new_tokens=10, stop_at_end_of_chunk=False, use_cache=use_cache)
-        runs[use_cache] = (torch.stack(list(decode_steps(model, batch["input_ids"], batch["attention_mask"],
-                                                         batch["pixel_values"], cfg=cfg)), 1), len(calls))
+        runs[use_cache] = (
+            torch.stack(
+                list(decode_steps(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], cfg=cfg)),
+                1,
+            ),
+            len(calls),
+        )
     for h in hooks:
         h.remove()
     n_blocks = len(model.xattn_blocks())

@@ -65,7 +65,15 @@ def test_flamingo_decode_step_never_syncs_with_the_host():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model(nxt[:, None], media=media, position_ids=pos, past_key_values=out.past_key_values,
-                  use_cache=True, media_offset=n_img, logits_to_keep=1, validate=False)
+            model(
+                nxt[:, None],
+                media=media,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                media_offset=n_img,
+                logits_to_keep=1,
+                validate=False,
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -16,16 +16,28 @@ ONE_LEVEL = 1 / 255 / min(STD) + 1e-5  # one grey level after normalisation
 def photo(w: int, h: int) -> Image.Image:
     """A smooth image with edges (gradients + a disc), like a photo rather than noise."""
     y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), ((x - w / 2) ** 2 + (y - h / 2) ** 2 <
-                                                                          (min(w, h) / 3) ** 2) * 200], -1)
+    arr = np.stack(
+        [
+            x * 255 // max(w - 1, 1),
+            y * 255 // max(h - 1, 1),
+            ((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2) * 200,
+        ],
+        -1,
+    )
     return Image.fromarray(arr.astype(np.uint8))
 
 
 @pytest.mark.parametrize("w,h", [(256, 256), (640, 480), (300, 500), (64, 64), (100, 40)])
 def test_matches_torchvision_pil_pipeline(w, h):
     im = photo(w, h)
-    ref = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                     T.Normalize(MEAN, STD)])(im)
+    ref = T.Compose(
+        [
+            T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )(im)
     out = ImageTransform(224, MEAN, STD)(im)
     assert out.shape == ref.shape == (3, 224, 224) and out.dtype == torch.float32
     assert (out - ref).abs().max() <= ONE_LEVEL
@@ -34,8 +46,9 @@ def test_matches_torchvision_pil_pipeline(w, h):
 
 def test_squash_mode_resizes_both_sides_without_crop():
     im = photo(300, 120)
-    ref = T.Compose([T.Resize((64, 64), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                     T.Normalize(MEAN, STD)])(im)
+    ref = T.Compose(
+        [T.Resize((64, 64), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(MEAN, STD)]
+    )(im)
     out = ImageTransform(64, MEAN, STD, resize_mode="squash")(im)
     assert (out - ref).abs().max() <= ONE_LEVEL
 
@@ -62,8 +75,9 @@ def test_open_clip_tower_uses_it_and_matches_open_clip_own_transform():
     from lmm.config import VisionConfig
     from lmm.testing import TINY_VIT
 
-    tower = build_vision_tower(VisionConfig(name="lmm-tiny-vit", model_cfg=TINY_VIT, mean=(0.5, 0.5, 0.5),
-                                            std=(0.25, 0.25, 0.25)))
+    tower = build_vision_tower(
+        VisionConfig(name="lmm-tiny-vit", model_cfg=TINY_VIT, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    )
     assert tower.preprocess == ImageTransform(32, (0.5,) * 3, (0.25,) * 3, "bicubic", "shortest")
     _, _, own = open_clip.create_model_and_transforms("lmm-tiny-vit", image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
     for im in (photo(200, 120), photo(20, 30)):

@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"lmm": ROOT / "lmm", "lmm.adapters": ROOT / "adapters", "lmm.data": ROOT / "data",
-            "lmm.eval": ROOT / "eval"}
+PACKAGES = {
+    "lmm": ROOT / "lmm",
+    "lmm.adapters": ROOT / "adapters",
+    "lmm.data": ROOT / "data",
+    "lmm.eval": ROOT / "eval",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -32,7 +36,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             base = node.module or ""
             if node.level:
                 parent = name.split(".") if is_pkg else name.split(".")[:-1]
-                parent = parent[:len(parent) - node.level + 1]
+                parent = parent[: len(parent) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             for alias in node.names:
                 full = f"{base}.{alias.name}"
@@ -46,13 +50,30 @@ def test_library_modules_never_import_the_layers_above_them():
     mods = _modules()
     known = set(mods)
     graph = {m: _imports(m, p, known) for m, p in mods.items()}
-    above_model = ("lmm.presets", "lmm.training", "lmm.serve", "lmm.cli", "lmm.eval", "lmm.data", "lmm.web",
-                   "lmm.testing")
-    bad = [(m, d) for m in ("lmm.model", "lmm.generation", "lmm.fusion", "lmm.losses", "lmm.config")
-           for d in graph[m] if d.startswith(above_model)]
+    above_model = (
+        "lmm.presets",
+        "lmm.training",
+        "lmm.serve",
+        "lmm.cli",
+        "lmm.eval",
+        "lmm.data",
+        "lmm.web",
+        "lmm.testing",
+    )
+    bad = [
+        (m, d)
+        for m in ("lmm.model", "lmm.generation", "lmm.fusion", "lmm.losses", "lmm.config")
+        for d in graph[m]
+        if d.startswith(above_model)
+    ]
     bad += [(m, d) for m in graph if m.startswith("lmm.adapters") for d in graph[m] if not d.startswith("lmm.adapters")]
-    bad += [(m, d) for m in graph if m.startswith(("lmm.bridges", "lmm.encoders"))
-            for d in graph[m] if d.startswith(above_model + ("lmm.model",))]
+    bad += [
+        (m, d)
+        for m in graph
+        if m.startswith(("lmm.bridges", "lmm.encoders"))
+        for d in graph[m]
+        if d.startswith(above_model + ("lmm.model",))
+    ]
     bad += [(m, d) for m in graph if m.startswith("lmm.data") for d in graph[m] if d == "lmm.model"]
     production = [m for m in graph if not m.startswith("lmm.testing")]
     bad += [(m, d) for m in production for d in graph[m] if d == "lmm.testing"]
@@ -63,16 +84,34 @@ def test_no_import_cycles_between_lmm_modules():
     mods = _modules()
     graph = {m: _imports(m, p, set(mods)) for m, p in mods.items()}
     # a package's __init__ re-exporting its own submodules is not a cycle in the design's sense
-    graph = {m: {d for d in ds if not (d.startswith(m + ".") or m.startswith(d + ".") and d in PACKAGES | {
-        "lmm.bridges": 0, "lmm.encoders": 0, "lmm.training": 0, "lmm.serve": 0, "lmm.cli": 0, "lmm.backbones": 0})}
-             for m, ds in graph.items()}
+    graph = {
+        m: {
+            d
+            for d in ds
+            if not (
+                d.startswith(m + ".")
+                or m.startswith(d + ".")
+                and d
+                in PACKAGES
+                | {
+                    "lmm.bridges": 0,
+                    "lmm.encoders": 0,
+                    "lmm.training": 0,
+                    "lmm.serve": 0,
+                    "lmm.cli": 0,
+                    "lmm.backbones": 0,
+                }
+            )
+        }
+        for m, ds in graph.items()
+    }
     cycles, state = [], {}
 
     def visit(m, stack):
         state[m] = 1
         for d in graph[m]:
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = 2
@@ -85,9 +124,11 @@ def test_no_import_cycles_between_lmm_modules():
 
 def test_importing_lmm_changes_no_environment_variable():
     # third-party packages first (torch sets its own variables on import), then lmm's modules alone
-    code = ("import os, torch, torch._dynamo, transformers, peft, open_clip; before = dict(os.environ); "
-            "import lmm, lmm.model, lmm.presets, lmm.training, lmm.generation, lmm.data, lmm.eval, lmm.cli; "
-            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    code = (
+        "import os, torch, torch._dynamo, transformers, peft, open_clip; before = dict(os.environ); "
+        "import lmm, lmm.model, lmm.presets, lmm.training, lmm.generation, lmm.data, lmm.eval, lmm.cli; "
+        "print(sorted(set(os.environ.items()) ^ set(before.items())))"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if "OFFLINE" not in k and k != "TOKENIZERS_PARALLELISM"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -28,8 +28,9 @@ def test_only_bridge_and_new_token_rows_get_gradients(images):
     out = model(**batch_for(model, images, ["<image>a red circle<|endofchunk|>", "<image>a blue square<|endofchunk|>"]))
     out.loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("resamplers.", "embed.extra", "head.extra")) or ".block." in n
-                             for n in trainable)
+    assert trainable and all(
+        n.startswith(("resamplers.", "embed.extra", "head.extra")) or ".block." in n for n in trainable
+    )
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, n
@@ -39,7 +40,8 @@ def test_only_bridge_and_new_token_rows_get_gradients(images):
     assert not frozen_emb.requires_grad and model.embed.extra.shape[0] == 2
     opt = torch.optim.AdamW(model.trainable_parameters())
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
 
 
@@ -104,7 +106,7 @@ def test_packed_rows_equal_separate_samples(images, bridge):
     else:  # each <image> became K positions: compare the text positions
         K = model.encode_media(pixel_values=pix_a[None, None, None]).shape[2]
         torch.testing.assert_close(packed[:, : la.shape[1]], la, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(packed[:, la.shape[1]:], lb, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(packed[:, la.shape[1] :], lb, atol=1e-5, rtol=1e-4)
         assert la.shape[1] == len(a) + K - 1
 
 

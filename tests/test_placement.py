@@ -30,8 +30,9 @@ def test_build_on_meta_places_every_tensor_there(family, bridge):
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
 def test_build_on_meta_with_hf_vision_towers(vision):
-    model = LMM.from_config(tiny_lmm_config("llama", "flamingo", vision=vision), tokenizer=tiny_tokenizer(),
-                            device="meta")
+    model = LMM.from_config(
+        tiny_lmm_config("llama", "flamingo", vision=vision), tokenizer=tiny_tokenizer(), device="meta"
+    )
     assert _off_meta(model) == []
 
 
@@ -60,12 +61,14 @@ def test_forward_and_decoding_create_no_tensor_off_the_model_device(bridge):
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.image_token_id, -100)
     with torch.no_grad():
         ref = model(**batch, labels=labels)
-        ref_tokens = torch.stack(list(decode_steps(model, batch["input_ids"], batch["attention_mask"],
-                                                   batch["pixel_values"])), 1)
+        ref_tokens = torch.stack(
+            list(decode_steps(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])), 1
+        )
         with torch.device("meta"):  # a tensor made without device= now lands on meta and cannot mix with CPU
             out = model(**batch, labels=labels)
-            tokens = torch.stack(list(decode_steps(model, batch["input_ids"], batch["attention_mask"],
-                                                   batch["pixel_values"])), 1)
+            tokens = torch.stack(
+                list(decode_steps(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])), 1
+            )
     assert out.logits.device.type == "cpu" and tokens.device.type == "cpu"
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(out.loss, ref.loss)
@@ -96,8 +99,16 @@ def test_flamingo_forward_and_decode_steps_have_no_host_sync():
         nxt = out.logits[:, -1].argmax(-1)
         pos = torch.full((2, 1), ids.shape[1])
         with HostSyncCounter() as syncs:
-            model(nxt[:, None], media=media, position_ids=pos, past_key_values=out.past_key_values, use_cache=True,
-                  media_offset=(ids == model.image_token_id).sum(1), logits_to_keep=1, validate=False)
+            model(
+                nxt[:, None],
+                media=media,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                media_offset=(ids == model.image_token_id).sum(1),
+                logits_to_keep=1,
+                validate=False,
+            )
         assert syncs.count == 0, syncs.ops
         # the whole greedy loop: the prefill's <image> check and a stop check every 8 steps, nothing per step
         with HostSyncCounter() as syncs:

@@ -1,7 +1,8 @@
 """CLIP-style preprocessing on uint8 tensors: resize (antialiased) + centre crop, then normalise.
 
 Same pixels as torchvision's PIL pipeline (Resize + CenterCrop + ToTensor + Normalize; its uint8 resize
-kernels round within one grey level of PIL's, two when upscaling extreme aspect ratios), at ~5x the speed, and split in two so data loaders can stop
+kernels round within one grey level of PIL's, two when upscaling extreme aspect ratios), at ~5x the speed, and
+split in two so data loaders can stop
 at uint8: workers ship a quarter of the bytes and the vision tower normalises on its own device
 (`VisionTower.forward` accepts uint8 pixels).
 """
@@ -55,18 +56,27 @@ class ImageTransform:
         return ((pixels.float() - mean) * inv).to(dtype)
 
     @classmethod
-    def from_open_clip(cls, cfg: dict) -> "ImageTransform | None":
+    def from_open_clip(cls, cfg: dict) -> ImageTransform | None:
         """From open_clip's `visual.preprocess_cfg`; None for what this class does not reproduce exactly
         (non-square sizes, resize_mode "longest"), where open_clip's own PIL transform is used instead."""
         if not cfg.get("mean") or not cfg.get("std"):
             return None
         size = cfg.get("size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)
-        if size[0] != size[1] or cfg.get("resize_mode", "shortest") not in ("shortest", "squash") \
-                or cfg.get("interpolation", "bicubic") not in _MODES or cfg.get("mode", "RGB") != "RGB":
+        if (
+            size[0] != size[1]
+            or cfg.get("resize_mode", "shortest") not in ("shortest", "squash")
+            or cfg.get("interpolation", "bicubic") not in _MODES
+            or cfg.get("mode", "RGB") != "RGB"
+        ):
             return None
-        return cls(size[0], tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"),
-                   cfg.get("resize_mode", "shortest"))
+        return cls(
+            size[0],
+            tuple(cfg["mean"]),
+            tuple(cfg["std"]),
+            cfg.get("interpolation", "bicubic"),
+            cfg.get("resize_mode", "shortest"),
+        )
 
 
 def to_uint8_chw(image) -> torch.Tensor:

@@ -19,8 +19,9 @@ def load_language_model(cfg: LanguageConfig, dtype: torch.dtype, device: str | t
         require_bitsandbytes("language.load_in_4bit (QLoRA)", "set language.load_in_4bit=false")
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
         kwargs["device_map"] = {"": torch.device(device).index or 0}
     if cfg.path is not None:
         if not Path(cfg.path).is_dir():
@@ -49,8 +50,10 @@ def load_tokenizer(cfg: LanguageConfig):
 
     path = cfg.tokenizer_path or cfg.path
     if path is None:
-        raise ConfigError("no tokenizer: set language.tokenizer_path (a random-weight LM has no tokenizer), "
-                          "or pass tokenizer= to LMM.from_config")
+        raise ConfigError(
+            "no tokenizer: set language.tokenizer_path (a random-weight LM has no tokenizer), "
+            "or pass tokenizer= to LMM.from_config"
+        )
     if not Path(path).is_dir():
         raise ConfigError(f"tokenizer folder not found: {path}")
     kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_path else {}

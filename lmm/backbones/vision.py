@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,8 +34,10 @@ class VisionTower(nn.Module):
         with torch.no_grad():
             if pixel_values.dtype == torch.uint8:
                 if not callable(getattr(self.preprocess, "normalize", None)):
-                    raise ValueError("uint8 pixel_values need a tower whose preprocess has resize_crop/normalize "
-                                     "(an ImageTransform: it knows the mean/std); pass normalised float pixels")
+                    raise ValueError(
+                        "uint8 pixel_values need a tower whose preprocess has resize_crop/normalize "
+                        "(an ImageTransform: it knows the mean/std); pass normalised float pixels"
+                    )
                 return self.encode(self.preprocess.normalize(pixel_values, dtype))
             return self.encode(pixel_values.to(dtype))
 
@@ -56,11 +58,17 @@ class OpenClipVision(VisionTower):
             raise ConfigError(f"vision.pretrained: checkpoint file not found: {cfg.pretrained}")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.name, pretrained=cfg.pretrained, force_image_size=cfg.image_size,
-                image_mean=tuple(cfg.mean) if cfg.mean else None, image_std=tuple(cfg.std) if cfg.std else None)
+                cfg.name,
+                pretrained=cfg.pretrained,
+                force_image_size=cfg.image_size,
+                image_mean=tuple(cfg.mean) if cfg.mean else None,
+                image_std=tuple(cfg.std) if cfg.std else None,
+            )
         except RuntimeError as e:
-            raise ConfigError(f"open_clip could not build '{cfg.name}' (pretrained={cfg.pretrained!r}): {e}. "
-                              "Pass a local checkpoint path as vision.pretrained; nothing is downloaded.") from e
+            raise ConfigError(
+                f"open_clip could not build '{cfg.name}' (pretrained={cfg.pretrained!r}): {e}. "
+                "Pass a local checkpoint path as vision.pretrained; nothing is downloaded."
+            ) from e
         self.visual = model.visual
         del model
         # the same pixels as open_clip's PIL transform, faster; its own transform where ours does not match it
@@ -85,8 +93,9 @@ class OpenClipVision(VisionTower):
             fmap = self.visual.trunk.forward_features(x)  # (B, C, h, w)
             return fmap.flatten(2).transpose(1, 2)
         idx = self.layer % self.num_blocks
-        out = self.visual.forward_intermediates(x, indices=[idx], intermediates_only=True, output_fmt="NLC",
-                                                output_extra_tokens=self.include_cls)
+        out = self.visual.forward_intermediates(
+            x, indices=[idx], intermediates_only=True, output_fmt="NLC", output_extra_tokens=self.include_cls
+        )
         tokens = out["image_intermediates"][0]
         if tokens.ndim == 4:  # NCHW fallback
             tokens = tokens.flatten(2).transpose(1, 2)

@@ -22,5 +22,11 @@ def build_bridge(cfg: BridgeConfig, lm: nn.Module, media_dim: int) -> nn.Module:
     return BRIDGES[cfg.kind](cfg, lm, media_dim)
 
 
-__all__ = ["DeepFusion", "EarlyFusion", "FusionInputs", "build_bridge", "positions_from_mask",
-           "positions_from_segments"]
+__all__ = [
+    "DeepFusion",
+    "EarlyFusion",
+    "FusionInputs",
+    "build_bridge",
+    "positions_from_mask",
+    "positions_from_segments",
+]

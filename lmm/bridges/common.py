@@ -41,7 +41,7 @@ class FusionInputs:
     past_key_values: Any = None
     use_cache: bool = False
 
-    def replace(self, **changes) -> "FusionInputs":
+    def replace(self, **changes) -> FusionInputs:
         return replace(self, **changes)
 
     def positions(self) -> torch.Tensor:
@@ -49,10 +49,15 @@ class FusionInputs:
             return self.position_ids
         if self.segment_ids is not None:
             return positions_from_segments(self.segment_ids)
-        return positions_from_mask(self.attention_mask)[:, -self.embeds.shape[1]:]
+        return positions_from_mask(self.attention_mask)[:, -self.embeds.shape[1] :]
 
     def lm_kwargs(self) -> dict:
         """Keyword arguments for the LM's base model (`lm.base_model(**kwargs)`)."""
         mask = None if self.segment_ids is not None or self.unpadded else self.attention_mask
-        return dict(inputs_embeds=self.embeds, attention_mask=mask, position_ids=self.positions(),
-                    past_key_values=self.past_key_values, use_cache=self.use_cache)
+        return dict(
+            inputs_embeds=self.embeds,
+            attention_mask=mask,
+            position_ids=self.positions(),
+            past_key_values=self.past_key_values,
+            use_cache=self.use_cache,
+        )

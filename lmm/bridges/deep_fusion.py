@@ -28,15 +28,23 @@ class DeepFusion(nn.Module):
         made, so that a seed gives the same weights as before the bridges became classes)."""
         x = self.cfg.cross_attn
         idx = cross_attn_layer_indices(len(find_layer_list(lm)), x.every, x.first_layer, x.layers)
-        fuse_layers(lm, {i: GatedCrossAttentionBlock(lm.config.hidden_size, self.media_dim, x.heads, x.head_dim,
-                                                     x.ff_mult, x.qk_norm) for i in idx})
+        fuse_layers(
+            lm,
+            {
+                i: GatedCrossAttentionBlock(
+                    lm.config.hidden_size, self.media_dim, x.heads, x.head_dim, x.ff_mult, x.qk_norm
+                )
+                for i in idx
+            },
+        )
 
     def resampler(self, in_dim: int) -> nn.Module:
         """Per-modality resampler: media of width `in_dim` -> (B, M, L, media_dim)."""
         p = self.cfg.perceiver
         if self.cfg.use_perceiver:
-            r = PerceiverResampler(in_dim, p.num_latents, p.depth, p.heads, p.head_dim, p.ff_mult, p.max_media,
-                                   p.max_frames, p.qk_norm)
+            r = PerceiverResampler(
+                in_dim, p.num_latents, p.depth, p.heads, p.head_dim, p.ff_mult, p.max_media, p.max_frames, p.qk_norm
+            )
         else:
             r = MediaFlatten(in_dim)
         return r if in_dim == self.media_dim else ProjectedResampler(r, in_dim, self.media_dim)
@@ -55,8 +63,9 @@ class DeepFusion(nn.Module):
         visible = media_mask(text_idx, M, self.cfg.cross_attn.only_previous_image, x.segment_ids, media_seg)
         return MediaContext(media=x.media, visible=visible, kv_cache=x.media_kv)
 
-    def forward(self, lm: nn.Module, x: FusionInputs, prefix_hidden: torch.Tensor | None = None,
-                prefix_layer: int | None = None):
+    def forward(
+        self, lm: nn.Module, x: FusionInputs, prefix_hidden: torch.Tensor | None = None, prefix_layer: int | None = None
+    ):
         """(last hidden states, the LM's output or None, inputs as used)."""
         extra = {} if x.media is None else {MEDIA_KWARG: self.context(x)}
         if prefix_hidden is not None:  # frozen-prefix replay: run only the layers from `prefix_layer` up

@@ -26,12 +26,22 @@ class EarlyFusion(nn.Module):
         c = self.cfg
         if c.kind == "qformer":
             q = c.qformer
-            return QFormer(in_dim, self.lm_dim, q.num_queries, q.depth, q.hidden, q.heads, q.ff_mult, q.cross_every,
-                           c.perceiver.max_frames)
+            return QFormer(
+                in_dim,
+                self.lm_dim,
+                q.num_queries,
+                q.depth,
+                q.hidden,
+                q.heads,
+                q.ff_mult,
+                q.cross_every,
+                c.perceiver.max_frames,
+            )
         return Projector(in_dim, self.lm_dim, c.projector.depth, c.projector.hidden_mult, c.perceiver.max_frames)
 
-    def forward(self, lm: nn.Module, x: FusionInputs, prefix_hidden: torch.Tensor | None = None,
-                prefix_layer: int | None = None):
+    def forward(
+        self, lm: nn.Module, x: FusionInputs, prefix_hidden: torch.Tensor | None = None, prefix_layer: int | None = None
+    ):
         """(last hidden states, the LM's output, inputs as used: expanded embeddings, mask, labels, segments)."""
         if prefix_hidden is not None:
             raise ValueError("prefix_hidden (frozen-prefix replay) works with the flamingo bridge only")
@@ -73,5 +83,12 @@ def splice(x: FusionInputs) -> FusionInputs:
         new_seg[bt, start[bt, tt]] = seg[bt, tt]
         new_seg[bi[:, None], pos] = seg[bi, ti][:, None]
         new_seg = torch.where(new_seg < 0, seg.max() + 1, new_seg)  # padding slots form their own segment
-    return x.replace(embeds=new_embeds, is_media=torch.zeros_like(new_mask, dtype=torch.bool), attention_mask=new_mask,
-                     labels=new_labels, segment_ids=new_seg, position_ids=None, unpadded=False)
+    return x.replace(
+        embeds=new_embeds,
+        is_media=torch.zeros_like(new_mask, dtype=torch.bool),
+        attention_mask=new_mask,
+        labels=new_labels,
+        segment_ids=new_seg,
+        position_ids=None,
+        unpadded=False,
+    )

@@ -6,8 +6,12 @@ import importlib
 
 import typer
 
-app = typer.Typer(help="lmm: Flamingo-style multimodal models (train, chat, serve, web, eval, data, merge).",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="lmm: Flamingo-style multimodal models (train, chat, serve, web, eval, data, merge).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 # Each module defines `register(app)`; a module that is absent (or whose optional extra is missing
 # at import) simply does not add its command.

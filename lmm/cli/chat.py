@@ -6,7 +6,6 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,8 +32,11 @@ def load_model(name: str, device: str | None = None):
 
     path = Path(name)
     if path.exists() and not (path / CONFIG_FILE).is_file():
-        raise typer.BadParameter(f"{name} is not a saved lmm model (no {CONFIG_FILE} inside); pass a directory "
-                                 f"written by save_pretrained or a preset name", param_hint="--model")
+        raise typer.BadParameter(
+            f"{name} is not a saved lmm model (no {CONFIG_FILE} inside); pass a directory "
+            f"written by save_pretrained or a preset name",
+            param_hint="--model",
+        )
     try:
         return presets.load(name, device=device)
     except ConfigError as e:
@@ -88,8 +90,14 @@ class ChatSession:
         self.out.write(ANSWER)
         self.out.flush()
         try:
-            for piece in self.model.stream(prompt, images, add_special_tokens=False, stop_at_end_of_chunk=False,
-                                           max_new_tokens=self._budget(prompt), **self.gen_kwargs):
+            for piece in self.model.stream(
+                prompt,
+                images,
+                add_special_tokens=False,
+                stop_at_end_of_chunk=False,
+                max_new_tokens=self._budget(prompt),
+                **self.gen_kwargs,
+            ):
                 answer.append(piece)
                 self.out.write(piece)
                 self.out.flush()
@@ -113,8 +121,10 @@ class ChatSession:
             return self.max_new_tokens
         used = len(self.model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if used >= self.context:
-            raise ValueError(f"the conversation ({used} tokens) fills the model's context of {self.context} "
-                             f"tokens; /reset to start over")
+            raise ValueError(
+                f"the conversation ({used} tokens) fills the model's context of {self.context} "
+                f"tokens; /reset to start over"
+            )
         return min(self.max_new_tokens, self.context - used)
 
     def set(self, name: str, value: str) -> str:
@@ -146,11 +156,17 @@ class ChatSession:
 
     def save(self, file: str) -> Path:
         """The history as JSON: the messages `model.chat` takes, images as their file paths."""
+
         def part(p):
             return {"type": "image", "image": p["path"]} if p.get("type") == "image" else p
 
-        msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-                 else [part(p) for p in m["content"]]} for m in self.history]
+        msgs = [
+            {
+                "role": m["role"],
+                "content": m["content"] if isinstance(m["content"], str) else [part(p) for p in m["content"]],
+            }
+            for m in self.history
+        ]
         path = Path(file).expanduser()
         path.write_text(json.dumps(msgs, indent=2, ensure_ascii=False))
         return path
@@ -172,8 +188,11 @@ class ChatSession:
             self.attach(arg.strip('"'))
             self.out.write(f"attached {arg} ({len(self.pending)} image(s) for your next message)\n")
         elif cmd == "/set":
-            self.out.write(self.set(*arg.split(None, 1)) + "\n" if len(arg.split()) == 2 else
-                           "usage: /set NAME VALUE (max_new_tokens, temperature, top_p, seed)\n")
+            self.out.write(
+                self.set(*arg.split(None, 1)) + "\n"
+                if len(arg.split()) == 2
+                else "usage: /set NAME VALUE (max_new_tokens, temperature, top_p, seed)\n"
+            )
         elif cmd == "/save":
             if not arg:
                 raise ValueError("usage: /save FILE")
@@ -210,23 +229,27 @@ class ChatSession:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("chat", help="Chat with a model in the terminal (images by /image PATH or @PATH; /help inside).\n\n"
-                              "With --prompt: answer one message and exit, e.g.\n\n"
-                              "  lmm chat --model runs/my-model --image cat.png --prompt 'What is this?'")
+    @app.command(
+        "chat",
+        help="Chat with a model in the terminal (images by /image PATH or @PATH; /help inside).\n\n"
+        "With --prompt: answer one message and exit, e.g.\n\n"
+        "  lmm chat --model runs/my-model --image cat.png --prompt 'What is this?'",
+    )
     def chat_command(
         model: str = typer.Option(..., "--model", help="A save_pretrained directory or a preset name."),
-        prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one message and exit."),
+        prompt: str | None = typer.Option(None, "--prompt", help="Answer this one message and exit."),
         image: list[Path] = typer.Option([], "--image", help="Image(s) for the first message (repeatable)."),
-        system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+        system: str | None = typer.Option(None, "--system", help="A system message."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; >0: sample."),
         top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
     ):
         sample = temperature > 0
-        gen = dict(do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0,
-                   seed=seed)
+        gen = dict(
+            do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0, seed=seed
+        )
         from lmm.generation import load_images
 
         try:  # check the images before loading a (possibly large) model

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
 
 import typer
 
@@ -16,10 +15,14 @@ on several processes: `torchrun --nproc_per_node 2 train.py --config CONFIG dist
 The resolved config, checkpoints, metrics.jsonl, TensorBoard logs and loss.png go to run_dir
 (runs/NAME by default), the final model to run_dir/final. Starting the same run again continues
 from its latest complete checkpoint (checkpoint.resume=auto).
+
+A dataset that names a preparer (`prepare: easyvqa`) is written first if its path is missing;
+`eval.task` (a registered task) and `eval.datasets` (held-out conversation files, each with its
+metric) are evaluated at eval.every and at the end, beside a blind baseline.
 """
 
 
-def run(config: Optional[str], overrides: list[str]) -> None:
+def run(config: str | None, overrides: list[str]) -> None:
     """Load, validate and train; user errors exit with a one-line message instead of a traceback."""
     from lmm.config import ConfigError
     from lmm.data.errors import DataError
@@ -42,8 +45,8 @@ def run(config: Optional[str], overrides: list[str]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("train", help=HELP, context_settings={"allow_extra_args": False})
     def train_command(
-        config: Optional[str] = typer.Option(None, "--config", "-c", help="Run config YAML (see configs/)."),
-        overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-4"),
+        config: str | None = typer.Option(None, "--config", "-c", help="Run config YAML (see configs/)."),
+        overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-4"),
     ) -> None:
         run(config, list(overrides or []))
 

@@ -9,7 +9,7 @@ modality from `LMMConfig.encoders[name]`, built by `ENCODERS[kind]`: a new modal
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,8 +22,10 @@ ENCODERS: dict[str, Callable[[str, EncoderConfig], nn.Module]] = {}
 def build_encoder(modality: str, cfg: EncoderConfig) -> nn.Module:
     """The frozen encoder for `modality`, with its `token` set (`cfg.token` or `<modality>`)."""
     if cfg.kind not in ENCODERS:
-        raise ConfigError(f"encoders.{modality}.kind={cfg.kind!r} is not a known encoder kind "
-                          f"({', '.join(sorted(ENCODERS)) or 'none registered'})")
+        raise ConfigError(
+            f"encoders.{modality}.kind={cfg.kind!r} is not a known encoder kind "
+            f"({', '.join(sorted(ENCODERS)) or 'none registered'})"
+        )
     encoder = ENCODERS[cfg.kind](modality, cfg)
     encoder.token = cfg.token or f"<{modality}>"
     for attr in ("dim", "preprocess"):

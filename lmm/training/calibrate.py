@@ -10,7 +10,7 @@ in a fraction of the steps.)
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,7 @@ from lmm.config import ConfigError
 
 
 @torch.no_grad()
-def standardize_xattn_norms(model, batch: dict, all_reduce_sum: Optional[Callable] = None,
-                            min_std: float = 0.05) -> int:
+def standardize_xattn_norms(model, batch: dict, all_reduce_sum: Callable | None = None, min_std: float = 0.05) -> int:
     """Set the input LayerNorms of `model`'s fresh cross-attention blocks (attention and dense sub-block) from the
     hidden states `batch` produces at each block; returns the number of blocks. `all_reduce_sum` sums the
     statistics over ranks (DDP) so every rank sets the same values."""
@@ -28,11 +27,15 @@ def standardize_xattn_norms(model, batch: dict, all_reduce_sum: Optional[Callabl
     if not blocks:
         raise ConfigError("calibrate_xattn_norms needs the flamingo bridge (cross-attention blocks)")
     if any(float(b.attn_gate.abs().max()) != 0 or float(b.ff_gate.abs().max()) != 0 for b in blocks):
-        raise ConfigError("calibrate_xattn_norms is for a fresh bridge (gates at 0), but this model's bridge is "
-                          "already trained; set calibrate_xattn_norms: false")
+        raise ConfigError(
+            "calibrate_xattn_norms is for a fresh bridge (gates at 0), but this model's bridge is "
+            "already trained; set calibrate_xattn_norms: false"
+        )
     seen: dict[int, torch.Tensor] = {}
-    hooks = [b.norm.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
-             for i, b in enumerate(blocks)]
+    hooks = [
+        b.norm.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
+        for i, b in enumerate(blocks)
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -52,7 +55,7 @@ def standardize_xattn_norms(model, batch: dict, all_reduce_sum: Optional[Callabl
         d = z.shape[-1]
         n = stats[-1]
         mean = stats[:d] / n
-        std = (stats[d:2 * d] / n - mean * mean).clamp(min=0).sqrt().clamp(min=min_std)
+        std = (stats[d : 2 * d] / n - mean * mean).clamp(min=0).sqrt().clamp(min=min_std)
         for ln in (block.norm, block.ff[0]):
             ln.weight.copy_((1 / std).to(ln.weight.dtype))
             ln.bias.copy_((-mean / std).to(ln.bias.dtype))

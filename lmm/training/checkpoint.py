@@ -16,8 +16,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -44,10 +44,10 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -56,9 +56,11 @@ def rng_state() -> dict:
     """Python, numpy, torch and CUDA RNG states in a form `torch.load(weights_only=True)` reads."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -97,9 +99,20 @@ def _maybe_kill_for_test(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, world_size: int, barrier: Callable[[], None],
-                    weights: Optional[dict], optim_state: Optional[dict], rank_state: dict, config_yaml: str,
-                    meta: dict, keep_last: int) -> Optional[Path]:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None],
+    weights: dict | None,
+    optim_state: dict | None,
+    rank_state: dict,
+    config_yaml: str,
+    meta: dict,
+    keep_last: int,
+) -> Path | None:
     """Write checkpoint `step` atomically. Every rank calls this; rank 0 writes the shared files.
 
     weights / optim_state: full (gathered) tensors, needed on rank 0 only. Returns the final folder."""
@@ -144,8 +157,13 @@ def load_checkpoint(path: str | Path, rank: int) -> dict:
     meta = json.loads((path / META).read_text())
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.is_file():
-        raise FileNotFoundError(f"{path} has no state for rank {rank}: it was written by {meta.get('world_size')} "
-                                "processes; resume with the same number")
-    return {"meta": meta, "weights": load_file(path / "trainable.safetensors"),
-            "optim": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-            "rank": torch.load(rank_file, map_location="cpu", weights_only=True)}
+        raise FileNotFoundError(
+            f"{path} has no state for rank {rank}: it was written by {meta.get('world_size')} "
+            "processes; resume with the same number"
+        )
+    return {
+        "meta": meta,
+        "weights": load_file(path / "trainable.safetensors"),
+        "optim": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "rank": torch.load(rank_file, map_location="cpu", weights_only=True),
+    }

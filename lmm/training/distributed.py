@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,7 +47,7 @@ class DistEnv:
         return t
 
 
-def init_distributed(mode: str, device: Optional[str] = None) -> DistEnv:
+def init_distributed(mode: str, device: str | None = None) -> DistEnv:
     """Read the launcher's environment and start the process group (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -154,8 +153,10 @@ def load_trainable_state(model: nn.Module, env: DistEnv, weights: dict[str, torc
     inner = unwrap(model)
     expected = set(_trainable_names(inner))
     if set(weights) != expected:
-        raise ValueError(f"checkpoint weights do not match the model's trainable parameters: missing "
-                         f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+        raise ValueError(
+            f"checkpoint weights do not match the model's trainable parameters: missing "
+            f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}"
+        )
     if env.mode != "fsdp2":
         params = dict(inner.named_parameters())
         with torch.no_grad():

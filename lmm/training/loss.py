@@ -7,12 +7,12 @@ whether it is computed as 1 process x N micro-batches or N processes x 1 micro-b
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 
-def target_mask_and_tasks(batch: dict, task_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_mask_and_tasks(batch: dict, task_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep, tasks): which next-token targets carry a loss (B, T-1), and the task id of each target."""
     keep = batch["labels"][:, 1:] != -100
     if task_ids is None:
@@ -26,8 +26,10 @@ def count_targets(keep: torch.Tensor, tasks: torch.Tensor, n_tasks: int) -> torc
     """Labelled targets per task, as float64 (n_tasks,)."""
     sel = tasks[keep]
     if sel.numel() and int(sel.max()) >= n_tasks:
-        raise ValueError(f"a batch has task id {int(sel.max())} but only {n_tasks} task names are known; give the "
-                         "batch source a `task_names` list covering every task id")
+        raise ValueError(
+            f"a batch has task id {int(sel.max())} but only {n_tasks} task names are known; give the "
+            "batch source a `task_names` list covering every task id"
+        )
     return torch.bincount(sel, minlength=n_tasks).to(torch.float64)
 
 
@@ -40,8 +42,14 @@ def task_coefficients(counts: torch.Tensor, weights: Sequence[float], mode: str)
     return torch.where(present, w / (counts.clamp(min=1) * present.sum().clamp(min=1)), torch.zeros_like(w))
 
 
-def step_loss(token_losses: torch.Tensor, out_labels: torch.Tensor, keep: torch.Tensor, tasks: torch.Tensor,
-              coef: torch.Tensor, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(
+    token_losses: torch.Tensor,
+    out_labels: torch.Tensor,
+    keep: torch.Tensor,
+    tasks: torch.Tensor,
+    coef: torch.Tensor,
+    n_tasks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(this micro-batch's share of the step loss, per-task summed raw losses (n_tasks,) for logging).
 
     `out_labels` are the labels the model scored (after `<image>` expansion for Q-Former/projector

@@ -5,16 +5,18 @@ checkpointing, compilation. Nothing here changes parameter names, so saved weigh
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 
 def new_token_rows(model: nn.Module) -> list[nn.Parameter]:
     """The `<image>` / `<|endofchunk|>` rows of the input embedding and output head."""
-    return [m.extra for m in (getattr(model, "embed", None), getattr(model, "head", None))
-            if m is not None and isinstance(getattr(m, "extra", None), nn.Parameter)]
+    return [
+        m.extra
+        for m in (getattr(model, "embed", None), getattr(model, "head", None))
+        if m is not None and isinstance(getattr(m, "extra", None), nn.Parameter)
+    ]
 
 
 def freeze_new_token_rows(model: nn.Module) -> None:

@@ -11,7 +11,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -34,20 +33,28 @@ class Monitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("note: tensorboard is not installed (pip install tensorboard); TensorBoard logging is off",
-                      file=sys.stderr)
+                print(
+                    "note: tensorboard is not installed (pip install tensorboard); TensorBoard logging is off",
+                    file=sys.stderr,
+                )
             else:
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
         if cfg.logging.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=str(self.run_dir),
-                                    config=cfg.to_dict(), resume="allow")
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project,
+                name=cfg.name,
+                dir=str(self.run_dir),
+                config=cfg.to_dict(),
+                resume="allow",
+            )
         if cfg.logging.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True,
-                            mininterval=1.0)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True, mininterval=1.0
+            )
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / METRICS
@@ -64,16 +71,25 @@ class Monitor:
         else:
             print(text, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tokens: int, task_losses: dict, grad_norm: Optional[float],
-             skipped: bool) -> None:
+    def step(
+        self, step: int, loss: float, lr: float, tokens: int, task_losses: dict, grad_norm: float | None, skipped: bool
+    ) -> None:
         """Record optimizer step `step` (1-based)."""
         if not self.enabled:
             return
         self.tokens += tokens
         elapsed = max(time.time() - self.t0, 1e-9)
         tok_s = self.tokens / elapsed
-        rec = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": round(tok_s, 1),
-               "time": round(elapsed, 3), "skipped": skipped, **{f"loss/{k}": v for k, v in task_losses.items()}}
+        rec = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": round(tok_s, 1),
+            "time": round(elapsed, 3),
+            "skipped": skipped,
+            **{f"loss/{k}": v for k, v in task_losses.items()},
+        }
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
         self.metrics_file.write(json.dumps(rec) + "\n")
@@ -94,8 +110,9 @@ class Monitor:
             self.bar.update(1)
         if step % self.cfg.logging.log_every == 0 or step == self.total:
             eta = (self.total - step) * elapsed / max(1, step - self.start)
-            self.write(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3e}  tokens/s {tok_s:,.0f}  "
-                       f"eta {_fmt_time(eta)}")
+            self.write(
+                f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3e}  tokens/s {tok_s:,.0f}  eta {_fmt_time(eta)}"
+            )
 
     def evaluation(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -130,7 +147,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def plot_losses(run_dir: str | Path) -> Optional[Path]:
+def plot_losses(run_dir: str | Path) -> Path | None:
     """Write <run_dir>/loss.png: the training loss (and per-task losses) against the step."""
     rows = [r for r in read_metrics(run_dir) if "loss" in r and math.isfinite(r["loss"])]
     if not rows:

@@ -25,16 +25,22 @@ def param_groups(model: nn.Module, weight_decay: float, gate_lr_mult: float) -> 
     """Named trainable parameters split into decay / no-decay / gate groups (empty groups dropped).
 
     Each group carries `lr_mult` (the schedule multiplies the base lr by it) and `names`."""
-    groups = {"decay": ([], [], weight_decay, 1.0), "no_decay": ([], [], 0.0, 1.0),
-              "gates": ([], [], 0.0, gate_lr_mult)}
+    groups = {
+        "decay": ([], [], weight_decay, 1.0),
+        "no_decay": ([], [], 0.0, 1.0),
+        "gates": ([], [], 0.0, gate_lr_mult),
+    }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         key = "gates" if is_gate(name) else ("decay" if p.ndim >= 2 and not name.endswith("extra") else "no_decay")
         groups[key][0].append(p)
         groups[key][1].append(name)
-    return [{"params": params, "names": names, "weight_decay": wd, "lr_mult": mult, "group": key}
-            for key, (params, names, wd, mult) in groups.items() if params]
+    return [
+        {"params": params, "names": names, "weight_decay": wd, "lr_mult": mult, "group": key}
+        for key, (params, names, wd, mult) in groups.items()
+        if params
+    ]
 
 
 def build_optimizer(model: nn.Module, optim_cfg, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
@@ -48,8 +54,9 @@ def build_optimizer(model: nn.Module, optim_cfg, device: torch.device, sharded: 
     if optim_cfg.eight_bit:
         require_bitsandbytes("optim.eight_bit (AdamW8bit)", "set optim.eight_bit=false")
         if device.type != "cuda":
-            raise ConfigError(f"optim.eight_bit (AdamW8bit) needs the model on CUDA, not {device}; set "
-                              "optim.eight_bit=false")
+            raise ConfigError(
+                f"optim.eight_bit (AdamW8bit) needs the model on CUDA, not {device}; set optim.eight_bit=false"
+            )
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kw)

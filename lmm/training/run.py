@@ -6,10 +6,9 @@ The single entry point behind `python train.py --config FILE [key=value ...]` an
 from __future__ import annotations
 
 import json
-import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -56,8 +55,10 @@ def build_model(cfg: TrainConfig, device: torch.device):
         frozen = upgrade_names(load_file(path / FROZEN_FILE))
         if model_cfg.language.load_in_4bit:
             if model_cfg.language.path is None:
-                raise ConfigError(f"{path} holds its own randomly initialised LM; a 4-bit LM loads from a folder: "
-                                  "drop language.load_in_4bit=true or set language.path")
+                raise ConfigError(
+                    f"{path} holds its own randomly initialised LM; a 4-bit LM loads from a folder: "
+                    "drop language.load_in_4bit=true or set language.path"
+                )
             # the LM's weights are language.path's, quantised on load; its bf16 copies here cannot go into 4 bits
             frozen = {k: v for k, v in frozen.items() if not k.startswith("lm.")}
         saved.update(frozen)
@@ -78,8 +79,10 @@ def copy_matching_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) ->
             if target not in dst_state:
                 continue
             if dst_state[target].shape != t.shape:
-                raise ConfigError(f"cannot start from this model: {name} has shape {tuple(t.shape)} but the "
-                                  f"overridden config needs {tuple(dst_state[target].shape)}")
+                raise ConfigError(
+                    f"cannot start from this model: {name} has shape {tuple(t.shape)} but the "
+                    f"overridden config needs {tuple(dst_state[target].shape)}"
+                )
             dst_state[target].copy_(t.to(dst_state[target].dtype))
             filled.add(target)
     return sorted(set(dst_state) - filled)
@@ -91,7 +94,7 @@ def _lora_name(name: str) -> str:
     return f"{head}.base_layer.{leaf}"
 
 
-def train(cfg: TrainConfig, evaluate: Optional[Callable] = None) -> TrainResult:
+def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
     """Run training as `cfg` says (validated first, before anything loads). Call under torchrun for
     several processes (cfg.distributed = ddp or fsdp2)."""
     from lmm.data import build_loader, prepare_datasets
@@ -109,8 +112,14 @@ def train(cfg: TrainConfig, evaluate: Optional[Callable] = None) -> TrainResult:
 
             loader = frozen_cache_source(cfg, model, log=lambda m: print(m, flush=True))
         else:
-            loader = build_loader(cfg.data, model.tokenizer, model.image_processor, rank=env.rank,
-                                  world_size=env.world_size, pin_memory=env.device.type == "cuda")
+            loader = build_loader(
+                cfg.data,
+                model.tokenizer,
+                model.image_processor,
+                rank=env.rank,
+                world_size=env.world_size,
+                pin_memory=env.device.type == "cuda",
+            )
         if evaluate is None:
             from lmm.training.evaluation import build_evaluator
 
@@ -120,6 +129,6 @@ def train(cfg: TrainConfig, evaluate: Optional[Callable] = None) -> TrainResult:
         shutdown(env)
 
 
-def train_from_args(config: Optional[str], overrides: list[str]) -> TrainResult:
+def train_from_args(config: str | None, overrides: list[str]) -> TrainResult:
     """`train.py --config FILE key=value ...` (also `lmm train`)."""
     return train(load_train_config(config, overrides))

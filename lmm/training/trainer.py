@@ -16,9 +16,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import yaml
@@ -49,11 +49,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    output_dir: Optional[Path]  # the final save_pretrained directory
+    output_dir: Path | None  # the final save_pretrained directory
     step: int  # optimizer steps completed
     losses: list[float] = field(default_factory=list)  # per step of this process's run (after any resume)
     eval: dict = field(default_factory=dict)  # the last evaluation's metrics
-    stopped_early: Optional[str] = None  # why the run ended before max_steps (data ran out)
+    stopped_early: str | None = None  # why the run ended before max_steps (data ran out)
 
 
 class Trainer:
@@ -62,12 +62,20 @@ class Trainer:
     model: an `LMM` (unwrapped); batches: a batch source (see the module docstring);
     evaluate: optional `evaluate(model) -> dict` called on rank 0 with the model in eval mode."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, batches, evaluate: Optional[Callable] = None,
-                 env: Optional[DistEnv] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        batches,
+        evaluate: Callable | None = None,
+        env: DistEnv | None = None,
+    ):
         for attr in ("state_dict", "load_state_dict", "__iter__"):
             if not hasattr(batches, attr):
-                raise TypeError(f"the batch source must be iterable and have state_dict()/load_state_dict() "
-                                f"(missing {attr}); lmm.data.build_loader returns one")
+                raise TypeError(
+                    f"the batch source must be iterable and have state_dict()/load_state_dict() "
+                    f"(missing {attr}); lmm.data.build_loader returns one"
+                )
         self.env = env or init_distributed(cfg.distributed, cfg.device)
         cfg.validate_training(self.env.world_size)
         self.cfg, self.batches, self.evaluate = cfg, batches, evaluate
@@ -81,8 +89,10 @@ class Trainer:
             raise ConfigError(f"{len(self.loss_weights)} loss weights for {len(self.task_names)} tasks")
 
         if cfg.contrastive_weight > 0 and getattr(unwrap(model), "contrastive", None) is None:
-            raise ConfigError("contrastive_weight > 0 needs a model with a contrastive head: add the model override "
-                              "bridge.contrastive_dim=256 (or set it in the model config)")
+            raise ConfigError(
+                "contrastive_weight > 0 needs a model with a contrastive head: add the model override "
+                "bridge.contrastive_dim=256 (or set it in the model config)"
+            )
         if unwrap(model).device != self.env.device:
             model.to(self.env.device)
         self.lmm = model
@@ -108,7 +118,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
 
-    def _maybe_resume(self) -> Optional[Path]:
+    def _maybe_resume(self) -> Path | None:
         r = self.cfg.checkpoint.resume
         path = ckpt.latest_checkpoint(self.run_dir) if r == "auto" else (Path(r) if r else None)
         if path is None:
@@ -116,8 +126,10 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.env.rank)
         meta = state["meta"]
         if meta.get("world_size", 1) != self.env.world_size:
-            raise ConfigError(f"{path} was written by {meta.get('world_size')} processes; resume it with the same "
-                              f"number (now {self.env.world_size}) or set checkpoint.resume=null")
+            raise ConfigError(
+                f"{path} was written by {meta.get('world_size')} processes; resume it with the same "
+                f"number (now {self.env.world_size}) or set checkpoint.resume=null"
+            )
         load_trainable_state(self.model, self.env, state["weights"])
         load_optimizer_state(self.model, self.optimizer, self.env, state["optim"]["optimizer"])
         self.scheduler.load_state_dict(state["optim"]["scheduler"])
@@ -129,28 +141,38 @@ class Trainer:
             print(f"resumed from {path} (step {self.step})", flush=True)
         return path
 
-    def save_checkpoint(self) -> Optional[Path]:
+    def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (every rank must call this)."""
         weights = trainable_state(self.model, self.env)
-        optim = {"optimizer": optimizer_state(self.model, self.optimizer, self.env),
-                 "scheduler": self.scheduler.state_dict()}
+        optim = {
+            "optimizer": optimizer_state(self.model, self.optimizer, self.env),
+            "scheduler": self.scheduler.state_dict(),
+        }
         rank_state = {"rng": ckpt.rng_state(), "data": json.dumps(self.batches.state_dict())}
         return ckpt.save_checkpoint(
-            self.run_dir, self.step, rank=self.env.rank, world_size=self.env.world_size, barrier=self.env.barrier,
-            weights=weights, optim_state=optim, rank_state=rank_state,
+            self.run_dir,
+            self.step,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            barrier=self.env.barrier,
+            weights=weights,
+            optim_state=optim,
+            rank_state=rank_state,
             config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
-            meta={"nan_streak": self.nan_streak, "time": time.time()}, keep_last=self.cfg.checkpoint.keep_last)
+            meta={"nan_streak": self.nan_streak, "time": time.time()},
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
 
     # ------------------------------------------------------------------ one step
 
-    def _to_device(self, batch: dict) -> tuple[dict, Optional[torch.Tensor]]:
+    def _to_device(self, batch: dict) -> tuple[dict, torch.Tensor | None]:
         batch = dict(batch)
         task_ids = batch.pop("task_ids", None)
         dev = self.env.device
         moved = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         return moved, task_ids
 
-    def _next_micro_batches(self, it) -> Optional[list]:
+    def _next_micro_batches(self, it) -> list | None:
         micro = []
         for _ in range(self.cfg.optim.grad_accum):
             try:
@@ -194,8 +216,11 @@ class Trainer:
         if self.step == 0 and self.resumed_from is None and self.cfg.calibrate_xattn_norms:
             n = standardize_xattn_norms(self.lmm, prepared[0][0], self.env.all_reduce_sum)
             if self.env.is_main:
-                print(f"calibrate_xattn_norms: standardised the input norms of {n} cross-attention blocks on the "
-                      "first batch", flush=True)
+                print(
+                    f"calibrate_xattn_norms: standardised the input norms of {n} cross-attention blocks on the "
+                    "first batch",
+                    flush=True,
+                )
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(2 + n_tasks, dtype=torch.float64, device=self.env.device)
         share = 1.0 / (len(prepared) * self.env.world_size)  # of a per-micro-batch mean (the contrastive loss)
@@ -213,8 +238,11 @@ class Trainer:
             total[2:] += per_task
         self.env.all_reduce_sum(total)
         loss_value = float(total[0])
-        task_losses = {name: float(total[2 + t] / global_counts[t]) for t, name in enumerate(self.task_names)
-                       if global_counts[t] > 0}
+        task_losses = {
+            name: float(total[2 + t] / global_counts[t])
+            for t, name in enumerate(self.task_names)
+            if global_counts[t] > 0
+        }
         if self.cfg.contrastive_weight > 0:  # logged beside the per-dataset next-token losses
             task_losses["contrastive"] = float(total[1])
 
@@ -235,8 +263,14 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss_value, "lr": lr, "tokens": global_tokens, "task_losses": task_losses,
-                "grad_norm": grad_norm, "skipped": not finite}
+        return {
+            "loss": loss_value,
+            "lr": lr,
+            "tokens": global_tokens,
+            "task_losses": task_losses,
+            "grad_norm": grad_norm,
+            "skipped": not finite,
+        }
 
     # ------------------------------------------------------------------ evaluation / saving
 
@@ -246,8 +280,11 @@ class Trainer:
             return {}
         if self.env.mode == "fsdp2":
             if self.env.is_main:
-                print("note: the evaluate hook is skipped under fsdp2 (weights are sharded); evaluate the saved "
-                      "model instead", flush=True)
+                print(
+                    "note: the evaluate hook is skipped under fsdp2 (weights are sharded); evaluate the saved "
+                    "model instead",
+                    flush=True,
+                )
             return {}
         metrics: dict = {}
         if self.env.is_main:
@@ -303,21 +340,24 @@ class Trainer:
                 micro = self._next_micro_batches(it)
                 if micro is None:
                     result.stopped_early = f"the data ran out after {self.step} of {total} steps"
-                    monitor.write(f"note: {result.stopped_early} (data.epochs={cfg.data.epochs}); saving what "
-                                  "was trained")
+                    monitor.write(
+                        f"note: {result.stopped_early} (data.epochs={cfg.data.epochs}); saving what was trained"
+                    )
                     break
                 s = self.train_step(micro)
                 result.losses.append(s["loss"])
-                monitor.step(self.step, s["loss"], s["lr"], s["tokens"], s["task_losses"], s["grad_norm"],
-                             s["skipped"])
+                monitor.step(self.step, s["loss"], s["lr"], s["tokens"], s["task_losses"], s["grad_norm"], s["skipped"])
                 if s["skipped"]:
-                    monitor.write(f"warning: step {self.step}: non-finite loss or gradient ({s['loss']}); step "
-                                  f"skipped ({self.nan_streak} in a row, the run stops at {cfg.max_nan_steps})")
+                    monitor.write(
+                        f"warning: step {self.step}: non-finite loss or gradient ({s['loss']}); step "
+                        f"skipped ({self.nan_streak} in a row, the run stops at {cfg.max_nan_steps})"
+                    )
                     if self.nan_streak >= cfg.max_nan_steps:
                         raise NonFiniteLossError(
                             f"stopped at step {self.step}: {self.nan_streak} consecutive steps had a non-finite "
                             f"loss or gradient. Lower optim.lr, check the data (see {self.run_dir}/metrics.jsonl), "
-                            f"or raise max_nan_steps; resume from the last checkpoint with checkpoint.resume=auto")
+                            f"or raise max_nan_steps; resume from the last checkpoint with checkpoint.resume=auto"
+                        )
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     last_ckpt = self.step

@@ -28,7 +28,7 @@ def naive_xattn(block, x, media, img_positions, only_previous):
             cols = [m * L + l for m in vis for l in range(L)]
             for hh in range(h):
                 s = (k[b, cols, hh] @ q[b, t, hh]) / math.sqrt(dh)
-                out[b, t, hh * dh:(hh + 1) * dh] = s.softmax(0) @ v[b, cols, hh]
+                out[b, t, hh * dh : (hh + 1) * dh] = s.softmax(0) @ v[b, cols, hh]
     attn = a.to_out(out)
     has = torch.tensor([[any(p <= t for p in img_positions[b]) for t in range(T)] for b in range(B)])
     y = x + torch.tanh(block.attn_gate) * attn * has[..., None]

@@ -13,9 +13,12 @@ def make_samples(tokenizer, transform, img):
     docs = [
         Sample("a", "document", parts=[MediaRef(img.bytes(0)), "a red circle"]),
         Sample("b", "document", parts=["intro", MediaRef(img.bytes(1)), "one", MediaRef(img.bytes(2)), "two"]),
-        Sample("c", "conversation", messages=[{"role": "user", "content": "<image>\nwhat shape?"},
-                                              {"role": "assistant", "content": "circle"}],
-               media=[MediaRef(img.bytes(3))]),
+        Sample(
+            "c",
+            "conversation",
+            messages=[{"role": "user", "content": "<image>\nwhat shape?"}, {"role": "assistant", "content": "circle"}],
+            media=[MediaRef(img.bytes(3))],
+        ),
         Sample("d", "document", parts=[MediaRef(img.bytes(4)), "blue square"]),
     ]
     return [enc.encode(*enc.decode(s), task=i % 2) for i, s in enumerate(docs)]
@@ -59,14 +62,18 @@ def test_fits_respects_length_and_media_limits(tokenizer, transform, img):
 def test_packed_logits_equal_one_by_one(bridge, transform, img):
     lmm_testing = pytest.importorskip("lmm.testing")
     try:
-        model = lmm_testing.tiny_lmm(bridge=bridge, gates=0.5) if bridge == "flamingo" else \
-            lmm_testing.tiny_lmm(bridge=bridge)
+        model = (
+            lmm_testing.tiny_lmm(bridge=bridge, gates=0.5)
+            if bridge == "flamingo"
+            else lmm_testing.tiny_lmm(bridge=bridge)
+        )
     except ImportError as e:  # lmm.model not written yet
         pytest.skip(f"lmm.model unavailable: {e}")
     model.eval()
     tok = model.tokenizer
     s = make_samples(tok, transform, img)
     packed = collate_packed([[s[0], s[1]], [s[2], s[3]]], tok.pad_token_id, 64, (3, 32, 32))
+
     def labelled_logits(out, labels, b):
         """Logits at the positions that carry a label (projector bridges expand <image> into several slots)."""
         lab = out.labels if out.labels is not None else labels

@@ -14,8 +14,10 @@ def labelled_text(tok, enc):
 
 def test_flamingo_text_markers():
     assert flamingo_text([IMG, "a caption"]) == "<image>a caption<|endofchunk|>"
-    assert flamingo_text(["intro", "more", IMG, "one", IMG, "two"]) == \
-        "intro more<image>one<|endofchunk|><image>two<|endofchunk|>"
+    assert (
+        flamingo_text(["intro", "more", IMG, "one", IMG, "two"])
+        == "intro more<image>one<|endofchunk|><image>two<|endofchunk|>"
+    )
 
 
 def test_document_labels_mask_prefix_and_image_tokens(tokenizer):
@@ -29,9 +31,13 @@ def test_document_labels_mask_prefix_and_image_tokens(tokenizer):
 
 
 def test_conversation_loss_only_on_assistant_turns(tokenizer):
-    msgs = [{"role": "system", "content": "be short"}, {"role": "user", "content": "<image>\nwhat shape?"},
-            {"role": "assistant", "content": "circle"}, {"role": "user", "content": "color?"},
-            {"role": "assistant", "content": "red"}]
+    msgs = [
+        {"role": "system", "content": "be short"},
+        {"role": "user", "content": "<image>\nwhat shape?"},
+        {"role": "assistant", "content": "circle"},
+        {"role": "user", "content": "color?"},
+        {"role": "assistant", "content": "red"},
+    ]
     enc = encode_conversation(msgs, tokenizer)
     assert labelled_text(tokenizer, enc) == "circle<|im_end|>\nred<|im_end|>\n"
     assert tokenizer.convert_tokens_to_ids("<image>") in enc.input_ids

@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from lmm.cli.eval import register
-from lmm.eval import evaluate_easy_vqa
+from lmm.eval import evaluate_task
 
 ALL_TASKS = ["coco", "flickr30k", "vqav2", "okvqa", "textvqa", "vizwiz", "hatefulmemes", "imagenet", "easyvqa"]
 LIMIT = 2
@@ -33,9 +33,30 @@ def run(*args):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, data_root, tiny_model_dir):
     out = tmp_path_factory.mktemp("cli") / "results.json"
-    args = ["--model", tiny_model_dir, "--tasks", ",".join(ALL_TASKS), "--shots", "0,2", "--data-root", data_root,
-            "--limit", LIMIT, "--out", out, "--trials", 1, "--batch-size", 2, "--num-beams", 1, "--no-meteor",
-            "--max-new-tokens", 6, "--no-progress"]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--tasks",
+        ",".join(ALL_TASKS),
+        "--shots",
+        "0,2",
+        "--data-root",
+        data_root,
+        "--limit",
+        LIMIT,
+        "--out",
+        out,
+        "--trials",
+        1,
+        "--batch-size",
+        2,
+        "--num-beams",
+        1,
+        "--no-meteor",
+        "--max-new-tokens",
+        6,
+        "--no-progress",
+    ]
     result = run(*args)
     return args, out, result
 
@@ -80,18 +101,21 @@ def test_easy_vqa_python_entry_point_reports_the_cli_number(cli_run, tiny_model)
     _, out, _ = cli_run
     r = json.loads(out.read_text())["results"]["easyvqa"]["0"]
     cli_preds = json.loads(open(r["trials"][0]["predictions_file"]).read())
-    direct = evaluate_easy_vqa(tiny_model, limit=LIMIT, seed=0, batch_size=2, max_new_tokens=6)
-    assert direct["accuracy_pct"] == r["mean"]["accuracy"]
-    assert direct["accuracy"] == direct["correct"] / LIMIT
+    direct = evaluate_task(tiny_model, "easyvqa", limit=LIMIT, seed=0, batch_size=2, max_new_tokens=6)
+    assert direct["metrics"]["accuracy"] == r["mean"]["accuracy"]
+    assert direct["metrics"]["accuracy"] == 100.0 * direct["metrics"]["correct"] / LIMIT
     assert [p["prediction"] for p in direct["predictions"]] == [p["prediction"] for p in cli_preds]
     assert "random.Random(0)" in direct["subset"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--tasks", "vqav2"], "--data-root"),
-    (["--tasks", "vqav2", "--shots", "0,four", "--data-root", "."], "--shots"),
-    (["--tasks", "cocoo", "--data-root", "."], "Did you mean 'coco'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "vqav2"], "--data-root"),
+        (["--tasks", "vqav2", "--shots", "0,four", "--data-root", "."], "--shots"),
+        (["--tasks", "cocoo", "--data-root", "."], "Did you mean 'coco'"),
+    ],
+)
 def test_user_errors_exit_with_a_message(tiny_model_dir, extra, message):
     result = run("--model", tiny_model_dir, *extra, "--no-progress")
     assert result.exit_code == 2

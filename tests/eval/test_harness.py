@@ -43,7 +43,9 @@ class ColorModel:
         return torch.tensor(rows)
 
     def embed_images(self, images):
-        return torch.tensor(np.stack([np.asarray(im, dtype=np.float32)[im.height // 2, im.width // 2] for im in images]))
+        return torch.tensor(
+            np.stack([np.asarray(im, dtype=np.float32)[im.height // 2, im.width // 2] for im in images])
+        )
 
 
 @pytest.fixture
@@ -52,8 +54,16 @@ def model(palette):
 
 
 def cfg(root, **kw) -> EvalConfig:
-    base = dict(tasks=["vqav2"], shots=[0], data_root=str(root), trials=1, batch_size=2, num_beams=1,
-                progress=False, meteor=False)
+    base = dict(
+        tasks=["vqav2"],
+        shots=[0],
+        data_root=str(root),
+        trials=1,
+        batch_size=2,
+        num_beams=1,
+        progress=False,
+        meteor=False,
+    )
     base.update(kw)
     return EvalConfig(**base)
 
@@ -111,8 +121,9 @@ def test_mean_and_std_are_over_trials(data_root, model):
 
 
 def test_rices_demos_are_the_most_similar_train_images(data_root, model, tmp_path):
-    report = evaluate(model, cfg(data_root, tasks=["imagenet"], shots=[2], rices=True, out=str(tmp_path / "r.json")),
-                      model_id="color")
+    report = evaluate(
+        model, cfg(data_root, tasks=["imagenet"], shots=[2], rices=True, out=str(tmp_path / "r.json")), model_id="color"
+    )
     r = report["results"]["imagenet"]["2"]
     assert r["demo_selection"] == "rices" and len(r["trials"]) == 1
     preds = json.loads(open(r["trials"][0]["predictions_file"]).read())
@@ -138,7 +149,9 @@ def test_rerun_skips_finished_shards_and_recomputes_changed_work(data_root, mode
     evaluate(model, cfg(data_root, **settings, num_beams=2), model_id="color")
     assert sum(len(c[1]) for c in model.calls) == 3  # a changed setting never reuses shards
     saved = json.loads(out.read_text())
-    assert saved["results"]["vqav2"]["2"]["mean"]["vqa_accuracy"] == first["results"]["vqav2"]["2"]["mean"]["vqa_accuracy"]
+    assert (
+        saved["results"]["vqav2"]["2"]["mean"]["vqa_accuracy"] == first["results"]["vqav2"]["2"]["mean"]["vqa_accuracy"]
+    )
     preds = json.loads(open(saved["results"]["vqav2"]["2"]["trials"][0]["predictions_file"]).read())
     assert [p["id"] for p in preds] == ["104", "105", "106"] and all("answers" in p for p in preds)
 
@@ -152,12 +165,15 @@ def test_summary_table_lists_each_task_and_shot(data_root, model, capsys):
     assert "vqav2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(shots=[8]), "--shots"),                       # 8 demos from 3 train samples
-    (dict(data_root=None), "--data-root"),
-    (dict(limit=0), "--limit"),
-    (dict(tasks=["vqa9"]), "Did you mean"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(shots=[8]), "--shots"),  # 8 demos from 3 train samples
+        (dict(data_root=None), "--data-root"),
+        (dict(limit=0), "--limit"),
+        (dict(tasks=["vqa9"]), "Did you mean"),
+    ],
+)
 def test_user_errors_name_the_fix(data_root, model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         evaluate(model, cfg(data_root, **kwargs), model_id="color")
@@ -185,8 +201,14 @@ def test_rices_demos_show_distinct_images_when_questions_share_one(data_root, mo
     for extra in range(5):  # five more questions about train image 1
         qid = 900 + extra
         qs["questions"].insert(0, {"image_id": 1, "question": f"Question {extra}?", "question_id": qid})
-        an["annotations"].append({"question_id": qid, "image_id": 1, "answers": [{"answer": "red", "answer_id": 1}],
-                                  "multiple_choice_answer": "red"})
+        an["annotations"].append(
+            {
+                "question_id": qid,
+                "image_id": 1,
+                "answers": [{"answer": "red", "answer_id": 1}],
+                "multiple_choice_answer": "red",
+            }
+        )
     qs_path.write_text(json.dumps(qs))
     an_path.write_text(json.dumps(an))
     report = evaluate(model, cfg(root, shots=[3], rices=True), model_id="color")

@@ -94,5 +94,7 @@ def test_topk_accuracy_omits_k_beyond_the_number_of_classes():
 
 
 def test_exact_match_ignores_case_space_and_final_period():
-    out = metrics.exact_match_accuracy(["Circle.", " blue", "yes", "triangle shape"], ["circle", "blue", "no", "triangle"])
+    out = metrics.exact_match_accuracy(
+        ["Circle.", " blue", "yes", "triangle shape"], ["circle", "blue", "no", "triangle"]
+    )
     assert out == {"accuracy": 0.5, "correct": 2, "n": 4}

@@ -14,13 +14,17 @@ def test_caption_demo_and_query_strings():
 
 def test_vqa_prompt_with_two_demos_ends_with_the_open_query():
     p = prompts.build_prompt(prompts.VQA, [("red", "What color?"), ("2", "How many?")], "Is it big?")
-    assert p == ("<image>Question:What color? Short answer:red<|endofchunk|>"
-                 "<image>Question:How many? Short answer:2<|endofchunk|>"
-                 "<image>Question:Is it big? Short answer:")
+    assert p == (
+        "<image>Question:What color? Short answer:red<|endofchunk|>"
+        "<image>Question:How many? Short answer:2<|endofchunk|>"
+        "<image>Question:Is it big? Short answer:"
+    )
 
 
 def test_hateful_memes_prompt_quotes_the_meme_text():
-    assert prompts.HATEFUL_MEMES.query("hello") == "<image>is an image with: 'hello' written on it. Is it hateful? Answer:"
+    assert (
+        prompts.HATEFUL_MEMES.query("hello") == "<image>is an image with: 'hello' written on it. Is it hateful? Answer:"
+    )
 
 
 def test_text_only_demos_drop_demo_images_but_keep_the_query_image():
@@ -42,11 +46,14 @@ def test_ranking_moves_the_trailing_space_into_the_candidates():
     assert cands == [" red ball<|endofchunk|>", " blue box<|endofchunk|>"]
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("red Question: what is", "red"),
-    (" two dogs, one cat", "two dogs"),
-    ("yes Short answer: no", "yes"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("red Question: what is", "red"),
+        (" two dogs, one cat", "two dogs"),
+        ("yes Short answer: no", "yes"),
+    ],
+)
 def test_vqa_postprocessing_cuts_at_prompt_words_and_comma(raw, expected):
     assert prompts.postprocess_vqa(raw) == expected
 

@@ -59,9 +59,9 @@ def test_features_are_cached_on_disk_and_reused(tmp_path):
     first = cache.get("train", train, counting_embed, batch_size=4)
     assert calls == [4, 2] and cache.path_for("train", train).is_file()
     again = FeatureCache(tmp_path / "cache", model_id="m1").get("train", train, counting_embed)
-    assert calls == [4, 2] and torch.equal(first, again)          # loaded, not recomputed
+    assert calls == [4, 2] and torch.equal(first, again)  # loaded, not recomputed
     FeatureCache(tmp_path / "cache", model_id="m2").get("train", train, counting_embed)
-    assert len(calls) == 3                                         # another model: recomputed
+    assert len(calls) == 3  # another model: recomputed
     assert len(list((tmp_path / "cache").glob("train-*.pt"))) == 2
 
 
@@ -73,8 +73,10 @@ def test_asking_for_more_demos_than_train_images_says_what_to_lower(tmp_path):
 
 def test_with_the_real_vision_tower_duplicates_are_retrieved_first(tmp_path, tiny_model, draw_image):
     colors = ["red", "green", "blue", "yellow", "purple", "orange", "gray", "teal"]
-    train = [str(draw_image(tmp_path / f"tr{i}.png", c, ("circle", "square", "triangle")[i % 3]))
-             for i, c in enumerate(colors)]
+    train = [
+        str(draw_image(tmp_path / f"tr{i}.png", c, ("circle", "square", "triangle")[i % 3]))
+        for i, c in enumerate(colors)
+    ]
     queries = [train[5], train[2]]  # identical files to train images 5 and 2
     rices = RICES.from_paths(tiny_model.embed_images, train, FeatureCache(tmp_path / "c", "tiny"))
     found = rices.find(embed_paths(tiny_model.embed_images, queries), k=2)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmm.eval import tasks
-from lmm.eval.tasks import TaskDataError, get_task, load_image
+from lmm.eval.easyvqa import load_easyvqa
+from lmm.eval.registry import get_task
+from lmm.eval.tasks import TaskDataError, load_image
 
 
 def _all_images_exist(data):
@@ -18,8 +20,8 @@ def _all_images_exist(data):
 
 def test_coco_karpathy_splits_and_references(data_root):
     d = tasks.load_coco(data_root)
-    assert [s.id for s in d.test] == ["5", "6", "7"]            # split "test"
-    assert sorted(s.id for s in d.train) == ["1", "2", "3"]     # "train" + "restval"; "val" unused
+    assert [s.id for s in d.test] == ["5", "6", "7"]  # split "test"
+    assert sorted(s.id for s in d.train) == ["1", "2", "3"]  # "train" + "restval"; "val" unused
     assert d.test[0].answers == ("A yellow circle on a white background.", "a circle that is yellow")
     assert d.train[0].target == "A red circle on a white background."
     assert _all_images_exist(d)
@@ -83,7 +85,7 @@ def test_imagenet_folders_give_labels_and_class_names(data_root):
 
 
 def test_easyvqa_comes_from_the_package():
-    d = tasks.load_easyvqa()
+    d = load_easyvqa()
     assert len(d.train) == 38575 and len(d.test) == 9673
     assert len(d.classes) == 13 and d.test[0].answers[0] in d.classes
     assert Path(d.test[0].image).is_file()

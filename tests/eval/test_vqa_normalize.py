@@ -10,30 +10,33 @@ from lmm.eval.metrics import vqa_metrics
 from lmm.eval.vqa_normalize import normalize_answer, process_punctuation, vqa_accuracy
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("yes.", "yes"),                 # a final period goes
-    ("2.5", "2.5"),                  # a period before a digit stays
-    ("e.g.", "eg"),                  # periods not before a digit go
-    ("1,000", "1000"),               # digit,digit: every punctuation mark is deleted, not spaced
-    ("hot-dog", "hot dog"),          # a mark not touching a space becomes a space
-    ("hot - dog", "hot dog"),        # a mark touching a space is deleted (then spaces collapse)
-    ("yes!", "yes"),
-    ("What?", "what"),
-    ("Two", "2"),                    # number words -> digits
-    ("none", "0"),
-    ("ten dogs", "10 dogs"),
-    ("eleven", "eleven"),            # only zero..ten are mapped
-    ("The Cat", "cat"),              # articles dropped, lower-cased
-    ("an apple", "apple"),
-    ("a/b", "b"),                    # "/" -> space, then the article "a" is dropped
-    ("dont", "don't"),               # contractions restored
-    ("Isnt", "isn't"),
-    ("it's", "it's"),                # apostrophes are not punctuation for the official scorer
-    ("$5.00", "$5.00"),
-    ("3:00", "3:00"),                # ':' is not in the official punctuation list
-    ("\tYES\n", "yes"),
-    ("(red)", "red"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("yes.", "yes"),  # a final period goes
+        ("2.5", "2.5"),  # a period before a digit stays
+        ("e.g.", "eg"),  # periods not before a digit go
+        ("1,000", "1000"),  # digit,digit: every punctuation mark is deleted, not spaced
+        ("hot-dog", "hot dog"),  # a mark not touching a space becomes a space
+        ("hot - dog", "hot dog"),  # a mark touching a space is deleted (then spaces collapse)
+        ("yes!", "yes"),
+        ("What?", "what"),
+        ("Two", "2"),  # number words -> digits
+        ("none", "0"),
+        ("ten dogs", "10 dogs"),
+        ("eleven", "eleven"),  # only zero..ten are mapped
+        ("The Cat", "cat"),  # articles dropped, lower-cased
+        ("an apple", "apple"),
+        ("a/b", "b"),  # "/" -> space, then the article "a" is dropped
+        ("dont", "don't"),  # contractions restored
+        ("Isnt", "isn't"),
+        ("it's", "it's"),  # apostrophes are not punctuation for the official scorer
+        ("$5.00", "$5.00"),
+        ("3:00", "3:00"),  # ':' is not in the official punctuation list
+        ("\tYES\n", "yes"),
+        ("(red)", "red"),
+    ],
+)
 def test_normalize_answer_follows_the_official_rules(raw, expected):
     assert normalize_answer(raw) == expected
 
@@ -55,13 +58,13 @@ def _answers(**counts) -> list[str]:
 # Expected values by hand: for each of the 10 annotators, leave them out and count matches among the
 # other 9; min(1, matches / 3); average the 10 values.
 HAND = [
-    ("yes", _answers(yes=10), Fraction(1)),                                   # 9 matches every time
-    ("red", _answers(red=4, blue=6), Fraction(1)),                            # 3 or 4 matches -> 1
-    ("red", _answers(red=3, blue=7), Fraction(3 * 2, 3) / 10 + Fraction(7, 10)),   # 0.9, not 1.0
+    ("yes", _answers(yes=10), Fraction(1)),  # 9 matches every time
+    ("red", _answers(red=4, blue=6), Fraction(1)),  # 3 or 4 matches -> 1
+    ("red", _answers(red=3, blue=7), Fraction(3 * 2, 3) / 10 + Fraction(7, 10)),  # 0.9, not 1.0
     ("red", _answers(red=2, blue=8), (2 * Fraction(1, 3) + 8 * Fraction(2, 3)) / 10),  # 0.6
-    ("red", _answers(red=1, blue=9), 9 * Fraction(1, 3) / 10),                # 0.3
+    ("red", _answers(red=1, blue=9), 9 * Fraction(1, 3) / 10),  # 0.3
     ("green", _answers(red=1, blue=9), Fraction(0)),
-    ("Two", _answers(**{"2": 5, "3": 5}), Fraction(1)),                       # "Two" -> "2"
+    ("Two", _answers(**{"2": 5, "3": 5}), Fraction(1)),  # "Two" -> "2"
     ("the dog.", _answers(dog=2, cat=8), (2 * Fraction(1, 3) + 8 * Fraction(2, 3)) / 10),
 ]
 

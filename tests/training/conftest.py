@@ -41,9 +41,14 @@ def write_dataset(root, n: int = 48) -> str:
             d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLORS[colour])
         path = root / f"img{i:03d}.png"
         im.save(path)
-        q, a = (("what color is the shape?", colour) if i % 2 == 0 else ("what shape is in the image?", shape))
-        rows.append({"id": f"s{i}", "image": str(path),
-                     "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+        q, a = ("what color is the shape?", colour) if i % 2 == 0 else ("what shape is in the image?", shape)
+        rows.append(
+            {
+                "id": f"s{i}",
+                "image": str(path),
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+            }
+        )
     out = root / "train.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(out)
@@ -84,9 +89,17 @@ def tiny_lora_dir(tmp_path_factory) -> str:
 def run_config(run_dir, preset: str, data_path: str, **top) -> dict:
     """A small, fast, deterministic CPU run config as a plain dict (what a YAML file would hold)."""
     cfg = {
-        "name": "test", "preset": preset, "run_dir": str(run_dir), "seed": 0, "deterministic": True,
-        "data": {"datasets": [{"path": data_path, "format": "conversation"}], "batch_size": 4, "max_tokens": 48,
-                 "seed": 0},
+        "name": "test",
+        "preset": preset,
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "deterministic": True,
+        "data": {
+            "datasets": [{"path": data_path, "format": "conversation"}],
+            "batch_size": 4,
+            "max_tokens": 48,
+            "seed": 0,
+        },
         "optim": {"lr": 3e-3, "grad_clip": 1.0},
         "schedule": {"max_steps": 6, "warmup_steps": 2, "kind": "cosine"},
         "checkpoint": {"every": 0, "keep_last": 2, "resume": "auto"},
@@ -141,8 +154,9 @@ def h():
     """Helpers: h.run_config, h.launch, h.finish, h.step_losses, h.write_dataset."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(run_config=run_config, launch=launch, finish=finish, step_losses=step_losses,
-                           write_dataset=write_dataset)
+    return SimpleNamespace(
+        run_config=run_config, launch=launch, finish=finish, step_losses=step_losses, write_dataset=write_dataset
+    )
 
 
 @pytest.fixture(scope="session")
@@ -152,8 +166,9 @@ def feature_batches(tiny_dir, dataset):
     from lmm.model import LMM
 
     model = LMM.from_pretrained(tiny_dir, device="cpu")
-    cfg = DataConfig.from_dict({"datasets": [{"path": dataset, "format": "conversation"}], "batch_size": 4,
-                                "max_tokens": 48, "seed": 0})
+    cfg = DataConfig.from_dict(
+        {"datasets": [{"path": dataset, "format": "conversation"}], "batch_size": 4, "max_tokens": 48, "seed": 0}
+    )
     out = []
     for batch in build_loader(cfg, model.tokenizer, model.image_processor):
         with torch.no_grad():

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from lmm.config import ConfigError
 from lmm.model import LMM
+from lmm.testing import ListSource
+from lmm.testing import tiny_train_config as make_cfg
 from lmm.training import TrainConfig, Trainer
 from lmm.training.calibrate import standardize_xattn_norms
-from lmm.testing import ListSource, tiny_train_config as make_cfg
 
 
 def _block_inputs(model, batch):
@@ -52,8 +53,7 @@ def test_a_trained_bridge_is_refused(tiny_dir, feature_batches):
         standardize_xattn_norms(model, feature_batches[0])
 
 
-def test_fresh_runs_calibrate_on_the_first_batch_and_resumed_runs_do_not(tmp_path, tiny_dir, feature_batches,
-                                                                          capsys):
+def test_fresh_runs_calibrate_on_the_first_batch_and_resumed_runs_do_not(tmp_path, tiny_dir, feature_batches, capsys):
     cfg = make_cfg(tmp_path, calibrate_xattn_norms=True, schedule={"max_steps": 1}, optim={"lr": 1e-12})
     model = LMM.from_pretrained(tiny_dir, device="cpu")
     ref = LMM.from_pretrained(tiny_dir, device="cpu")
@@ -64,13 +64,15 @@ def test_fresh_runs_calibrate_on_the_first_batch_and_resumed_runs_do_not(tmp_pat
         torch.testing.assert_close(got.ff[0].bias, want.ff[0].bias, atol=1e-6, rtol=1e-6)
     assert "calibrate_xattn_norms: standardised" in capsys.readouterr().out
     # a run resumed from a checkpoint continues from its trained norms; it does not calibrate again
-    d = make_cfg(tmp_path / "r", calibrate_xattn_norms=True, schedule={"max_steps": 2},
-                 checkpoint={"every": 1}).to_dict()
+    d = make_cfg(
+        tmp_path / "r", calibrate_xattn_norms=True, schedule={"max_steps": 2}, checkpoint={"every": 1}
+    ).to_dict()
     Trainer(LMM.from_pretrained(tiny_dir, device="cpu"), TrainConfig.from_dict(d), ListSource(feature_batches)).fit()
     assert "calibrate_xattn_norms: standardised" in capsys.readouterr().out
     d["checkpoint"]["resume"], d["schedule"]["max_steps"] = "auto", 3
-    resumed = Trainer(LMM.from_pretrained(tiny_dir, device="cpu"), TrainConfig.from_dict(d),
-                      ListSource(feature_batches))
+    resumed = Trainer(
+        LMM.from_pretrained(tiny_dir, device="cpu"), TrainConfig.from_dict(d), ListSource(feature_batches)
+    )
     assert resumed.step == 2
     resumed.fit()
     assert resumed.step == 3 and "calibrate_xattn_norms" not in capsys.readouterr().out

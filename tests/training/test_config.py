@@ -29,23 +29,42 @@ def write(tmp_path, cfg: dict):
     return path
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c["optim"].update(lerning_rate=1e-3), "unknown config key 'optim.lerning_rate'"),
-    (lambda c: c["schedule"].update(warmup=3), "did you mean 'schedule.warmup_steps'"),
-    (lambda c: c["data"]["datasets"][0].update(path="/nonexistent/shards-{000..003}.tar"), "data file not found"),
-    (lambda c: c["data"]["datasets"][0].update(image_root="/nonexistent/images"), "image_root folder not found"),
-    (lambda c: c["optim"].update(global_batch_size=6, grad_accum=4), "not divisible by world_size"),
-    (lambda c: c["optim"].update(grad_accum=0), "optim.grad_accum must be >= 1"),
-    (lambda c: c["schedule"].update(max_steps=5, warmup_steps=10), "warmup_steps (10) must be between 0"),
-    (lambda c: c["data"].update(batch_size=0), "data.batch_size must be >= 1"),
-    (lambda c: c.update(model_overrides=["lora.rank=4"]), "model_overrides: unknown config key 'lora.rank'"),
-    (lambda c: c.update(preset="/nonexistent/model"), "neither a preset name"),
-    (lambda c: c.update(model={"language": {"load_in_4bit": True}}, preset=None), "language.load_in_4bit (QLoRA) needs"),
-    (lambda c: c.update(distributed="fsdp"), "'fsdp' is not one of"),
-    (lambda c: c.update(balance_answers=True), "balance_answers works with the frozen-cache batches"),
-], ids=["typo", "typo-suggestion", "missing-shards", "missing-image-root", "global-batch", "grad-accum",
-        "warmup", "batch-size", "override-typo", "missing-preset", "qlora-without-cuda", "bad-choice",
-        "balance-without-cache"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["optim"].update(lerning_rate=1e-3), "unknown config key 'optim.lerning_rate'"),
+        (lambda c: c["schedule"].update(warmup=3), "did you mean 'schedule.warmup_steps'"),
+        (lambda c: c["data"]["datasets"][0].update(path="/nonexistent/shards-{000..003}.tar"), "data file not found"),
+        (lambda c: c["data"]["datasets"][0].update(image_root="/nonexistent/images"), "image_root folder not found"),
+        (lambda c: c["optim"].update(global_batch_size=6, grad_accum=4), "not divisible by world_size"),
+        (lambda c: c["optim"].update(grad_accum=0), "optim.grad_accum must be >= 1"),
+        (lambda c: c["schedule"].update(max_steps=5, warmup_steps=10), "warmup_steps (10) must be between 0"),
+        (lambda c: c["data"].update(batch_size=0), "data.batch_size must be >= 1"),
+        (lambda c: c.update(model_overrides=["lora.rank=4"]), "model_overrides: unknown config key 'lora.rank'"),
+        (lambda c: c.update(preset="/nonexistent/model"), "neither a preset name"),
+        (
+            lambda c: c.update(model={"language": {"load_in_4bit": True}}, preset=None),
+            "language.load_in_4bit (QLoRA) needs",
+        ),
+        (lambda c: c.update(distributed="fsdp"), "'fsdp' is not one of"),
+        (lambda c: c.update(balance_answers=True), "balance_answers works with the frozen-cache batches"),
+    ],
+    ids=[
+        "typo",
+        "typo-suggestion",
+        "missing-shards",
+        "missing-image-root",
+        "global-batch",
+        "grad-accum",
+        "warmup",
+        "batch-size",
+        "override-typo",
+        "missing-preset",
+        "qlora-without-cuda",
+        "bad-choice",
+        "balance-without-cache",
+    ],
+)
 def test_bad_config_fails_before_the_model_loads(tmp_path, unloadable_model, dataset, h, edit, message):
     cfg = h.run_config(tmp_path / "run", unloadable_model, dataset)
     edit(cfg)
@@ -56,8 +75,9 @@ def test_bad_config_fails_before_the_model_loads(tmp_path, unloadable_model, dat
 
 
 def test_world_size_is_part_of_the_batch_check(tmp_path, dataset, tiny_dir, h):
-    cfg = TrainConfig.from_dict(h.run_config(tmp_path, tiny_dir, dataset, distributed="ddp",
-                                             optim={"global_batch_size": 12, "grad_accum": 3}))
+    cfg = TrainConfig.from_dict(
+        h.run_config(tmp_path, tiny_dir, dataset, distributed="ddp", optim={"global_batch_size": 12, "grad_accum": 3})
+    )
     cfg.validate(world_size=2)
     assert cfg.data.batch_size == 2  # 12 = 2 ranks x 3 micro-batches x 2 rows
     with pytest.raises(ConfigError, match="not divisible by world_size \\(8\\)"):
@@ -76,8 +96,10 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, unloadable_model, datas
 
 
 def test_overrides_reach_nested_keys_and_the_resolved_config_round_trips(tmp_path, dataset, tiny_dir, h):
-    cfg = load_train_config(write(tmp_path, h.run_config(tmp_path, tiny_dir, dataset)),
-                            ["optim.lr=2e-4", "schedule.kind=linear", "model_overrides=[lora.r=4]"])
+    cfg = load_train_config(
+        write(tmp_path, h.run_config(tmp_path, tiny_dir, dataset)),
+        ["optim.lr=2e-4", "schedule.kind=linear", "model_overrides=[lora.r=4]"],
+    )
     assert cfg.optim.lr == 2e-4 and cfg.schedule.kind == "linear" and cfg.model_overrides == ["lora.r=4"]
     again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg

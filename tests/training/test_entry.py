@@ -26,8 +26,17 @@ def test_lmm_train_builds_from_a_model_config_and_saves_a_loadable_model(tmp_pat
     cfg = h.run_config(tmp_path / "run", None, dataset, model=model)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = CliRunner().invoke(app, ["train", "--config", str(path), "schedule.max_steps=3", "optim.lr=1e-2",
-                                   "output_dir=" + str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(path),
+            "schedule.max_steps=3",
+            "optim.lr=1e-2",
+            "output_dir=" + str(tmp_path / "out"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert f"model: {tmp_path / 'out'}" in res.output
     saved = TrainConfig.from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
@@ -59,8 +68,7 @@ def test_cuda_bf16_fused_and_eight_bit_adamw_train(tmp_path, dataset, tiny_dir, 
 
     from lmm.training import train
 
-    cfg = h.run_config(tmp_path / "run", tiny_dir, dataset, optim={"eight_bit": True},
-                       model_overrides=["lora.r=4"])
+    cfg = h.run_config(tmp_path / "run", tiny_dir, dataset, optim={"eight_bit": True}, model_overrides=["lora.r=4"])
     res = train(TrainConfig.from_dict(cfg))
     assert res.losses[-1] < res.losses[0]
     cfg = h.run_config(tmp_path / "run2", tiny_dir, dataset, optim={"fused": True}, precision="bf16")

@@ -24,8 +24,16 @@ LORA = ["lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj]"]
 def lora_run(tmp_path_factory, tiny_dir, dataset, h):
     """A LoRA instruction-tuning run started from the saved tiny model with LoRA switched on by override."""
     tmp = tmp_path_factory.mktemp("lora")
-    cfg = TrainConfig.from_dict(h.run_config(tmp / "run", tiny_dir, dataset, model_overrides=LORA,
-                                             optim={"lr": 1e-2}, schedule={"max_steps": 8, "warmup_steps": 1}))
+    cfg = TrainConfig.from_dict(
+        h.run_config(
+            tmp / "run",
+            tiny_dir,
+            dataset,
+            model_overrides=LORA,
+            optim={"lr": 1e-2},
+            schedule={"max_steps": 8, "warmup_steps": 1},
+        )
+    )
     result = train(cfg)
     return result
 
@@ -92,8 +100,14 @@ def two_finetunes(tmp_path_factory, tiny_dir, dataset, h):
     tmp = tmp_path_factory.mktemp("finetunes")
     outs = []
     for i, lr in enumerate([1e-2, 3e-3]):
-        cfg = h.run_config(tmp / f"r{i}", tiny_dir, dataset, optim={"lr": lr}, data={"seed": i},
-                           schedule={"max_steps": 3, "warmup_steps": 0})
+        cfg = h.run_config(
+            tmp / f"r{i}",
+            tiny_dir,
+            dataset,
+            optim={"lr": lr},
+            data={"seed": i},
+            schedule={"max_steps": 3, "warmup_steps": 0},
+        )
         outs.append(train(TrainConfig.from_dict(cfg)).output_dir)
     return outs
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from lmm.model import LMM
 from lmm.testing import tiny_lmm_config, tiny_tokenizer
-from lmm.training.optim import build_optimizer
 from lmm.training.config import OptimConfig
+from lmm.training.optim import build_optimizer
 
 
 def _lora_model(dtype: str, family: str = "llama", dropout: float = 0.0, seed: int = 0) -> LMM:
@@ -27,8 +27,11 @@ def _batch(model: LMM) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 300, (2, 12), generator=g)
     ids[:, 0] = model.image_token_id
-    return {"input_ids": ids, "labels": ids.masked_fill(ids == model.image_token_id, -100),
-            "pixel_values": torch.rand(2, 1, 1, 3, 32, 32, generator=g)}
+    return {
+        "input_ids": ids,
+        "labels": ids.masked_fill(ids == model.image_token_id, -100),
+        "pixel_values": torch.rand(2, 1, 1, 3, 32, 32, generator=g),
+    }
 
 
 def test_lora_weights_and_optimizer_state_are_fp32_over_a_bf16_lm():
@@ -60,8 +63,15 @@ def test_one_step_over_a_bf16_lm_equals_the_fp32_reference():
         opt = torch.optim.SGD(model.trainable_parameters(), lr=tiny)
         model(**_batch(model)).loss.backward()
         opt.step()
-        deltas.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()
-                                 if p.requires_grad and "lora_" in n]))
+        deltas.append(
+            torch.cat(
+                [
+                    (p.detach() - before[n]).flatten()
+                    for n, p in model.named_parameters()
+                    if p.requires_grad and "lora_" in n
+                ]
+            )
+        )
     d_ref, d_low = deltas
     assert d_low.abs().max() > 0  # a bf16 master would have rounded every one of these updates away
     cos = torch.nn.functional.cosine_similarity(d_ref, d_low, dim=0)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from lmm.config import ConfigError
 from lmm.training import TrainConfig, build_model
-from lmm.training.optim import build_optimizer
 from lmm.training.config import OptimConfig
+from lmm.training.optim import build_optimizer
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -41,8 +41,11 @@ def test_eight_bit_optimizer_refused_without_requirements():
 
 
 def test_start_from_saved_dir_with_overrides_loads_only_saved_weights(tmp_path, tiny_dir, dataset, h):
-    cfg = TrainConfig.from_dict(h.run_config(tmp_path / "run", tiny_dir, dataset,
-                                             model_overrides=["lora.r=4", "lora.target_modules=[q_proj,v_proj]"]))
+    cfg = TrainConfig.from_dict(
+        h.run_config(
+            tmp_path / "run", tiny_dir, dataset, model_overrides=["lora.r=4", "lora.target_modules=[q_proj,v_proj]"]
+        )
+    )
     model = build_model(cfg, torch.device("cpu"))
     saved = load_file(f"{tiny_dir}/trainable.safetensors")
     own = dict(model.named_parameters())

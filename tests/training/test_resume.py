@@ -14,8 +14,9 @@ STEPS = 12
 
 
 def config(run_dir, tiny_dir, dataset, h) -> dict:
-    return h.run_config(run_dir, tiny_dir, dataset, schedule={"max_steps": STEPS, "warmup_steps": 3},
-                        checkpoint={"every": 3})
+    return h.run_config(
+        run_dir, tiny_dir, dataset, schedule={"max_steps": STEPS, "warmup_steps": 3}, checkpoint={"every": 3}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,9 @@ def test_sigkill_mid_training_resumes_to_identical_losses(tmp_path, tiny_dir, da
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:  # kill as soon as step 4 has been logged
-        if metrics.is_file() and any(json.loads(line)["step"] >= 4 for line in metrics.read_text().splitlines()
-                                     if line.strip()):
+        if metrics.is_file() and any(
+            json.loads(line)["step"] >= 4 for line in metrics.read_text().splitlines() if line.strip()
+        ):
             break
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.005)

@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from lmm.model import LMM
+from lmm.testing import ListSource
+from lmm.testing import tiny_train_config as make_cfg
 from lmm.training import NonFiniteLossError, TrainConfig, Trainer
 from lmm.training.optim import is_gate
-from lmm.testing import ListSource, tiny_train_config as make_cfg
 
 
 def fit(tiny_dir, cfg, batches, **kw):
@@ -43,8 +44,9 @@ def test_only_trainable_params_train_and_enter_the_optimizer(tmp_path, tiny_dir,
 def test_grad_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, tiny_dir, feature_batches):
     big = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(feature_batches[0::2], feature_batches[1::2])]
     m1, _, r1 = fit(tiny_dir, make_cfg(tmp_path / "a", schedule={"max_steps": 3}), big[:3])
-    m2, _, r2 = fit(tiny_dir, make_cfg(tmp_path / "b", schedule={"max_steps": 3}, optim={"grad_accum": 2}),
-                    feature_batches[:6])
+    m2, _, r2 = fit(
+        tiny_dir, make_cfg(tmp_path / "b", schedule={"max_steps": 3}, optim={"grad_accum": 2}), feature_batches[:6]
+    )
     assert r1.losses == pytest.approx(r2.losses, rel=1e-5)
     for (n, p), (_, q) in zip(m1.trainable_state_dict().items(), m2.trainable_state_dict().items()):
         # Adam divides by sqrt(v): near-zero gradients magnify summation-order noise; 5e-5 is 1% of one step
@@ -64,8 +66,9 @@ def test_per_task_averaging_and_loss_weights(tmp_path, tiny_dir, feature_batches
     cfg = make_cfg(tmp_path, loss_average="task", schedule={"max_steps": 1})
     _, _, res = fit(tiny_dir, cfg, batches, task_names=["vqa", "caption"], loss_weights=[1.0, 3.0])
     assert res.losses[0] == pytest.approx(float((1.0 * mean0 + 3.0 * mean1) / 2), rel=1e-5)
-    _, _, tok = fit(tiny_dir, make_cfg(tmp_path / "tok", schedule={"max_steps": 1}), batches,
-                    task_names=["vqa", "caption"])
+    _, _, tok = fit(
+        tiny_dir, make_cfg(tmp_path / "tok", schedule={"max_steps": 1}), batches, task_names=["vqa", "caption"]
+    )
     assert tok.losses[0] == pytest.approx(float(tl[keep].mean()), rel=1e-5)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss/vqa"] == pytest.approx(float(mean0), rel=1e-5)
@@ -122,8 +125,13 @@ def test_evaluate_hook_run_folder_and_artifacts(tmp_path, tiny_dir, feature_batc
         torch.rand(3)  # consumes RNG: the trainer must restore it
         return {"accuracy": 0.5 + 0.1 * len(calls)}
 
-    cfg = make_cfg(tmp_path, schedule={"max_steps": 6}, eval={"every": 3}, checkpoint={"every": 2, "keep_last": 2},
-                   logging={"tensorboard": True, "plot": True})
+    cfg = make_cfg(
+        tmp_path,
+        schedule={"max_steps": 6},
+        eval={"every": 3},
+        checkpoint={"every": 2, "keep_last": 2},
+        logging={"tensorboard": True, "plot": True},
+    )
     model = LMM.from_pretrained(tiny_dir, device="cpu")
     res = Trainer(model, cfg, ListSource(feature_batches), evaluate=evaluate).fit()
     assert calls == [False, False] and res.eval == {"accuracy": pytest.approx(0.7)}
@@ -144,10 +152,18 @@ def test_relaunching_a_finished_run_evaluates_again_without_training(tmp_path, t
     demo command run twice must print its accuracy both times)."""
     calls = []
     cfg = make_cfg(tmp_path, schedule={"max_steps": 3}, eval={"every": 3}, checkpoint={"every": 3})
-    first = Trainer(LMM.from_pretrained(tiny_dir, device="cpu"), cfg, ListSource(feature_batches),
-                    evaluate=lambda m: calls.append(1) or {"acc": 1.0}).fit()
-    again = Trainer(LMM.from_pretrained(tiny_dir, device="cpu"), cfg, ListSource(feature_batches),
-                    evaluate=lambda m: calls.append(2) or {"acc": 2.0}).fit()
+    first = Trainer(
+        LMM.from_pretrained(tiny_dir, device="cpu"),
+        cfg,
+        ListSource(feature_batches),
+        evaluate=lambda m: calls.append(1) or {"acc": 1.0},
+    ).fit()
+    again = Trainer(
+        LMM.from_pretrained(tiny_dir, device="cpu"),
+        cfg,
+        ListSource(feature_batches),
+        evaluate=lambda m: calls.append(2) or {"acc": 2.0},
+    ).fit()
     assert calls == [1, 2] and again.eval == {"acc": 2.0}
     assert again.losses == [] and first.step == again.step == 3
 
@@ -180,9 +196,16 @@ def test_cached_frozen_prefix_source_trains_exactly_like_the_full_forward(tmp_pa
     from lmm.training.frozen_cache import CachedConversationBatches, ConversationSample
 
     rows = [json.loads(x) for x in open(dataset)]
-    samples = [ConversationSample(image=r["image"], messages=[
-        {"role": "user", "content": r["conversations"][0]["value"]},
-        {"role": "assistant", "content": r["conversations"][1]["value"]}]) for r in rows]
+    samples = [
+        ConversationSample(
+            image=r["image"],
+            messages=[
+                {"role": "user", "content": r["conversations"][0]["value"]},
+                {"role": "assistant", "content": r["conversations"][1]["value"]},
+            ],
+        )
+        for r in rows
+    ]
     losses = []
     for i, wrap in enumerate((lambda s: s, WithoutPrefix)):
         model = LMM.from_pretrained(tiny_dir, device="cpu")
