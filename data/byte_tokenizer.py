@@ -15,7 +15,6 @@ CHAT_TEMPLATE = (
 def byte_tokenizer():
     """A `PreTrainedTokenizerFast` over the 256 byte symbols plus `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -24,6 +23,14 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
+    return chatml_tokenizer(tok)
+
+
+def chatml_tokenizer(tok):
+    """A `tokenizers.Tokenizer` (byte-level, with `<|endoftext|>`) as a `PreTrainedTokenizerFast` whose
+    `<|endoftext|>` is BOS/EOS/PAD, with a ChatML chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|endoftext|>",

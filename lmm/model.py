@@ -177,6 +177,11 @@ class LMM(nn.Module):
         frozen = upgrade_names(load_file(path / FROZEN_FILE)) if (path / FROZEN_FILE).is_file() else None
         model = cls.from_config(config, tokenizer=tokenizer, device=device)
         if frozen is not None:
+            trainable = set(model.trainable_state_dict())
+            wanted = {n for n, _ in model.named_parameters() if n not in trainable} - set(frozen)
+            wanted = {n for n in wanted if n in unique_state(model)}  # tied weights are saved under one name
+            if wanted:
+                raise ConfigError(f"{path / FROZEN_FILE} lacks frozen weights of this model: {sorted(wanted)[:5]}")
             missing = model._load_named(frozen)
             if missing:
                 raise ConfigError(f"{path / FROZEN_FILE}: tensors do not match the model: {missing[:5]}")
@@ -249,12 +254,10 @@ class LMM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def _load_named(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Copy named tensors into this model (exact shapes); returns the names it does not have."""
         own = unique_state(self)
         missing = [k for k in tensors if k not in own]
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if k in own:
-                    own[k].copy_(v.to(own[k].dtype))
+        copy_exact({k: own[k] for k in tensors if k in own}, {k: v for k, v in tensors.items() if k in own})
         return missing
 
     def train(self, mode: bool = True):
@@ -593,6 +596,17 @@ class LMM(nn.Module):
         pix = self.pixel_values(images)
         feats = self.vision(pix.to(self.device)).float().mean(1)
         return F.normalize(feats, dim=-1).cpu()
+
+
+def copy_exact(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    """targets[k].copy_(sources[k]) for every k, refusing any shape difference (copy_ would broadcast a 0-dim
+    or size-1 tensor over a whole parameter) with a ConfigError naming the tensor."""
+    for k, v in sources.items():
+        if tuple(v.shape) != tuple(targets[k].shape):
+            raise ConfigError(f"tensor {k} has shape {tuple(v.shape)} but the model needs {tuple(targets[k].shape)}")
+    with torch.no_grad():
+        for k, v in sources.items():
+            targets[k].copy_(v.to(targets[k].dtype))
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,11 +73,24 @@ def smollm2_folder() -> Path:
     lm.hf_quantizer = None  # dequantised on load; save as plain weights
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    lm.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # unique: converters may run at once
+    try:
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished conversion into place atomically; if another process got there first, keep its copy."""
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not out.exists():
+            raise
 
 
 def efficientnet_checkpoint() -> Path:
@@ -100,9 +115,14 @@ def efficientnet_checkpoint() -> Path:
     trunk.update(dict(zip(names, src)))  # lukemelas and timm list the same tensors in the same order
     model.visual.trunk.load_state_dict(trunk)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    tmp.rename(out)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # unique: converters may run at once
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, name)
+        os.replace(name, out)  # the same bytes whichever process finishes last
+    finally:
+        if os.path.exists(name):
+            os.remove(name)
     return out
 
 

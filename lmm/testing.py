@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import copy
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 _CORPUS = [
     "a photo of a red circle",
     "a photo of a blue square",
@@ -33,7 +28,8 @@ _CORPUS = [
 def tiny_tokenizer(vocab_size: int = 400):
     """A real `PreTrainedTokenizerFast` (byte-level BPE) with BOS/EOS/PAD and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+
+    from lmm.data.byte_tokenizer import chatml_tokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,15 +42,7 @@ def tiny_tokenizer(vocab_size: int = 400):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return chatml_tokenizer(tok)
 
 
 LM_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi", "gemma", "gemma2", "cohere", "granite")

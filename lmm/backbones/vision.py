@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -105,8 +106,15 @@ class OpenClipVision(VisionTower):
 
 
 def register_open_clip_config(name: str, model_cfg: dict) -> None:
+    """Make `model_cfg` known to open_clip as `name`. The name comes from a model folder's config (untrusted):
+    a plain identifier only, so the file open_clip reads it from stays inside a private temporary folder."""
     import open_clip
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise ConfigError(
+            f"vision.name {name!r}: with vision.model_cfg the name must be a plain identifier "
+            "(letters, digits, '.', '_', '-')"
+        )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, f"{name}.json")
         with open(path, "w") as f:

@@ -43,7 +43,11 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / META).is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / META).is_file()
+    ]  # a stray folder such as step_final/ is not a checkpoint
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 

@@ -158,10 +158,9 @@ def load_trainable_state(model: nn.Module, env: DistEnv, weights: dict[str, torc
             f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}"
         )
     if env.mode != "fsdp2":
-        params = dict(inner.named_parameters())
-        with torch.no_grad():
-            for k, v in weights.items():
-                params[k].copy_(v.to(params[k].dtype))
+        from lmm.model import copy_exact
+
+        copy_exact(dict(inner.named_parameters()), weights)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

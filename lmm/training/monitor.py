@@ -60,7 +60,7 @@ class Monitor:
         path = self.run_dir / METRICS
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = [json.dumps(m) for m in _parse_lines(path.read_text()) if m["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, text: str) -> None:
@@ -144,7 +144,20 @@ class Monitor:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return _parse_lines(path.read_text()) if path.is_file() else []
+
+
+def _parse_lines(text: str) -> list[dict]:
+    """The metric records of a metrics.jsonl; a line torn by a crash mid-write (or any unreadable one) is dropped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
+    return out
 
 
 def plot_losses(run_dir: str | Path) -> Path | None:

@@ -120,10 +120,11 @@ class Trainer:
 
     def _maybe_resume(self) -> Path | None:
         r = self.cfg.checkpoint.resume
-        path = ckpt.latest_checkpoint(self.run_dir) if r == "auto" else (Path(r) if r else None)
+        if not r:
+            return None
+        path, state = (Path(r), ckpt.load_checkpoint(r, self.env.rank)) if r != "auto" else self._newest_loadable()
         if path is None:
             return None
-        state = ckpt.load_checkpoint(path, self.env.rank)
         meta = state["meta"]
         if meta.get("world_size", 1) != self.env.world_size:
             raise ConfigError(
@@ -140,6 +141,20 @@ class Trainer:
         if self.env.is_main:
             print(f"resumed from {path} (step {self.step})", flush=True)
         return path
+
+    def _newest_loadable(self) -> tuple[Path | None, dict | None]:
+        """The newest complete checkpoint that reads back; a damaged newer one (a disk error, a truncated file)
+        is reported and the previous one is used instead."""
+        for path in reversed(ckpt.complete_checkpoints(self.run_dir)):
+            try:
+                return path, ckpt.load_checkpoint(path, self.env.rank)
+            except Exception as e:  # any damage: safetensors/torch.load/json errors, missing files
+                if self.env.is_main:
+                    print(
+                        f"checkpoint {path.name} cannot be read ({type(e).__name__}: {e}); trying the one before",
+                        flush=True,
+                    )
+        return None, None
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (every rank must call this)."""
