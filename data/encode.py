@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from lmm.chat import with_system_prompt
+
 from .errors import BadSample
 from .formats import MediaRef, Sample
 from .media import decode_image, decode_image_tensor
@@ -34,6 +36,7 @@ class SampleEncoder:
     max_images: int = 8
     too_many_images: str = "skip"  # or "truncate"
     num_frames: int = 8
+    system_prompt: str | None = None  # the model's default system message (conversations without one get it)
 
     def __post_init__(self):
         self.image_id, self.eoc_id = media_token_ids(self.tokenizer)
@@ -71,8 +74,8 @@ class SampleEncoder:
 
     def encode(self, sample: Sample, frames: list[list], task: int = 0) -> Encoded:
         """Tokenise, truncate to max_tokens (dropping media whose `<image>` was cut) and transform media."""
-        if sample.kind == "conversation":
-            tok = encode_conversation(sample.messages, self.tokenizer)
+        if sample.kind == "conversation":  # rendered as model.render_chat / model.chat render it
+            tok = encode_conversation(with_system_prompt(sample.messages, self.system_prompt), self.tokenizer)
         else:
             tok = encode_document(sample.parts, self.tokenizer)
         n_tokens = tok.input_ids.count(self.image_id)

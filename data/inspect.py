@@ -6,6 +6,7 @@ first epoch), renders a few with their `<image>` markers and loss spans, and tal
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ class Inspection:
     images: list = field(default_factory=list)
     shown: list = field(default_factory=list)  # dicts: key, text, media sizes, loss spans
     bad: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)  # reason -> (record key, detail) of its first bad sample
+    image_root: str | None = None
 
 
 def loss_spans(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
@@ -54,7 +57,7 @@ def _width_height(frame) -> str:
 def inspect_dataset(dcfg: DatasetConfig, cfg: DataConfig, tokenizer, limit: int = 200, show: int = 3) -> Inspection:
     source = build_source(dcfg, cfg.seed)
     kind = f"{type(source).__name__}, {len(source)} {'shards' if isinstance(source, ShardSource) else 'rows'}"
-    rep = Inspection(dcfg.display_name(), kind)
+    rep = Inspection(dcfg.display_name(), kind, image_root=dcfg.image_root)
     encoder = SampleEncoder(
         tokenizer, lambda im: torch.zeros(3, 1, 1), cfg.max_tokens, cfg.max_images, cfg.too_many_images, cfg.num_frames
     )
@@ -75,6 +78,7 @@ def inspect_dataset(dcfg: DatasetConfig, cfg: DataConfig, tokenizer, limit: int 
             enc = encoder.encode(sample, frames)
         except BadSample as e:
             counter.add(e, key=key)
+            rep.examples.setdefault(e.reason, (key, e.detail))
             continue
         rep.good += 1
         rep.lengths.append(len(enc.input_ids))
@@ -120,4 +124,15 @@ def format_inspection(rep: Inspection) -> str:
         values, counts = np.unique(rep.images, return_counts=True)
         lines += [f"images per sample: {dict(zip(values.tolist(), counts.tolist()))}"]
     lines.append(format_counts(rep.bad))
+    for reason, (key, detail) in rep.examples.items():
+        if detail:
+            lines.append(f"  first {reason} [{key}]: {detail}")
+    if rep.bad.get("missing_image") or rep.bad.get("missing_video"):
+        if rep.image_root is None:
+            lines.append(
+                f"  hint: relative media paths are resolved against the current folder ({os.getcwd()}); pass "
+                "--image-root FOLDER (image_root: in a data config) for the folder that holds them"
+            )
+        else:
+            lines.append(f"  hint: relative media paths are resolved against image_root {rep.image_root}")
     return "\n".join(lines)

@@ -223,6 +223,7 @@ class LMMLoader:
         world_size: int = 1,
         pin_memory: bool = False,
         probe: bool = True,
+        system_prompt: str | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -231,7 +232,13 @@ class LMMLoader:
         self.task_names = cfg.task_names()
         self.loss_weights = cfg.loss_weights()
         self.encoder = SampleEncoder(
-            tokenizer, image_transform, cfg.max_tokens, cfg.max_images, cfg.too_many_images, cfg.num_frames
+            tokenizer,
+            image_transform,
+            cfg.max_tokens,
+            cfg.max_images,
+            cfg.too_many_images,
+            cfg.num_frames,
+            system_prompt=system_prompt,
         )
         self.sources = {}
         for stage in self.stages:
@@ -331,9 +338,16 @@ def probe_dataset(dcfg, source, encoder: SampleEncoder, records: int = 32) -> No
 
 
 def build_loader(
-    cfg: DataConfig, tokenizer, image_transform: Callable, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+    cfg: DataConfig,
+    tokenizer,
+    image_transform: Callable,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    system_prompt: str | None = None,
 ) -> LMMLoader:
-    """The resumable training loader for `cfg` (see the module docstring)."""
+    """The resumable training loader for `cfg` (see the module docstring). `system_prompt`: the model's default
+    system message (`model.config.system_prompt`), given to conversations that bring none, as `model.chat` does."""
     if cfg.num_workers > 0:  # forked workers and a tokenizer's own threads deadlock: let the workers parallelise
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return LMMLoader(cfg, tokenizer, image_transform, rank, world_size, pin_memory)
+    return LMMLoader(cfg, tokenizer, image_transform, rank, world_size, pin_memory, system_prompt=system_prompt)

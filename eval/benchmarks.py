@@ -1,10 +1,14 @@
 """The few-shot benchmarks of the Flamingo / OpenFlamingo protocol as tasks: a prompt template per task
 (`lmm.eval.prompts`), generation (captioning, VQA) or log-likelihood ranking (HatefulMemes, classification),
 and the reference metrics (`lmm.eval.metrics`). Their files are read by the loaders of `lmm.eval.tasks`.
+
+Each task has two prompt styles (`with_prompt_style`): `flamingo` (the completion templates) and `chat` (the
+model's chat template and system prompt, as `model.chat` renders a conversation; demos are earlier turns).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,10 +33,32 @@ SCORE_CHUNK = 128  # candidates scored per model call (classification over many 
 class TemplateTask(EvalTask):
     """A task whose prompt is demonstrations filled into a Flamingo template, then the open query."""
 
+    prompt_style = "flamingo"
+
     def __init__(
-        self, name: str, template: prompts.PromptTemplate, loader: Callable[[Path], TaskData], primary_metric: str
+        self,
+        name: str,
+        template: prompts.PromptTemplate,
+        loader: Callable[[Path], TaskData],
+        primary_metric: str,
+        chat_question: str = "{question}",
     ):
         self.name, self.template, self.loader, self.primary_metric = name, template, loader, primary_metric
+        self.chat_question = chat_question  # prompt style `chat`: the user turn's text
+
+    def with_prompt_style(self, style: str) -> TemplateTask:
+        """This task asked in `style` (prompts.PROMPT_STYLES): a copy when the style differs. Style `chat`
+        renders through `model.render_chat` and draws no text-only demonstrations at zero shots."""
+        if style not in prompts.PROMPT_STYLES:
+            raise EvalConfigError(f"prompt style must be one of {', '.join(prompts.PROMPT_STYLES)}, got {style!r}")
+        if style == self.prompt_style:
+            return self
+        task = copy.copy(self)
+        task.prompt_style = style
+        task.text_only_zero_shot = style == "flamingo"
+        base = tuple(m for m in type(self).model_methods if m != "render_chat")
+        task.model_methods = base + (("render_chat",) if style == "chat" else ())
+        return task
 
     def load(self, data_root: Path | None = None, seed: int = 0) -> TaskData:
         if data_root is None:
@@ -47,11 +73,19 @@ class TemplateTask(EvalTask):
 
     def build_inputs(self, model, query: Sample, demos: list[Sample], text_only: bool) -> tuple[str, list]:
         pairs = [(d.target, d.question) for d in demos]
+        images = ([] if text_only else [d.image for d in demos]) + [query.image]
+        if self.prompt_style == "chat":
+            messages = prompts.chat_messages(self.chat_question, pairs, query.question, text_only_demos=text_only)
+            prompt, part_images = model.render_chat(messages)  # markers in string contents: no part images
+            return prompt, list(part_images) + images
         prompt = prompts.build_prompt(self.template, pairs, query.question, text_only_demos=text_only)
-        return prompt, ([] if text_only else [d.image for d in demos]) + [query.image]
+        return prompt, images
 
     def fingerprint(self, cfg) -> dict:
-        return {"task_type": type(self).__name__, "template": self.template.text}
+        out = {"task_type": type(self).__name__, "template": self.template.text}
+        if self.prompt_style != "flamingo":
+            out.update(prompt_style=self.prompt_style, chat_question=self.chat_question)
+        return out
 
 
 class GenerationTask(TemplateTask):
@@ -61,6 +95,8 @@ class GenerationTask(TemplateTask):
 
     def generation(self, cfg) -> dict:
         base = dict(prompts.GENERATION[self.kind], num_beams=cfg.num_beams)
+        if self.prompt_style == "chat":  # as model.chat: stop at the end of turn, the template wrote BOS
+            base.update(stop_at_end_of_chunk=False, add_special_tokens=False)
         if cfg.max_new_tokens is not None:
             base["max_new_tokens"] = cfg.max_new_tokens
         return base
@@ -72,7 +108,8 @@ class GenerationTask(TemplateTask):
         outs = model.generate(prompts_, images, **self.generation(cfg))
         if len(outs) != len(prompts_):
             raise RuntimeError(f"model.generate returned {len(outs)} texts for {len(prompts_)} prompts")
-        return [{"prediction": self.postprocess(o), "raw": o} for o in outs]
+        clean = (lambda o: o.strip()) if self.prompt_style == "chat" else self.postprocess
+        return [{"prediction": clean(o), "raw": o} for o in outs]
 
     def fingerprint(self, cfg) -> dict:
         return dict(super().fingerprint(cfg), generation=self.generation(cfg))
@@ -128,10 +165,14 @@ class RankingTask(TemplateTask):
     model_methods = ("score",)
 
     def infer(self, model, prompts_: list[str], images: list[list], data: TaskData, cfg) -> list[dict]:
-        ranked = [prompts.ranking_inputs(t, data.classes) for t in prompts_]
-        texts, candidates = [p for p, _ in ranked], ranked[0][1]
-        if any(c != candidates for _, c in ranked):
-            raise ValueError("ranking prompts of one batch must end alike (the template's text before {answer})")
+        if self.prompt_style == "chat":  # the answer is the assistant turn: class name + end of turn
+            suffix = prompts.chat_answer_suffix(model)
+            texts, candidates = list(prompts_), [c + suffix for c in data.classes]
+        else:
+            ranked = [prompts.ranking_inputs(t, data.classes) for t in prompts_]
+            texts, candidates = [p for p, _ in ranked], ranked[0][1]
+            if any(c != candidates for _, c in ranked):
+                raise ValueError("ranking prompts of one batch must end alike (the template's text before {answer})")
         cols = [
             torch.as_tensor(model.score(texts, images, candidates[i : i + SCORE_CHUNK])).float().cpu()
             for i in range(0, len(candidates), SCORE_CHUNK)
@@ -185,12 +226,16 @@ class ClassificationTask(RankingTask):
 
 
 BENCHMARKS: tuple[EvalTask, ...] = (
-    CaptionTask("coco", prompts.CAPTION, load_coco, "cider"),
-    CaptionTask("flickr30k", prompts.CAPTION, load_flickr30k, "cider"),
-    VQATask("vqav2", prompts.VQA, load_vqav2, "vqa_accuracy"),
-    VQATask("okvqa", prompts.VQA, load_okvqa, "vqa_accuracy"),
-    VQATask("textvqa", prompts.VQA, load_textvqa, "vqa_accuracy"),
-    VQATask("vizwiz", prompts.VQA, load_vizwiz, "vqa_accuracy"),
-    HatefulMemesTask("hatefulmemes", prompts.HATEFUL_MEMES, load_hatefulmemes, "roc_auc"),
-    ClassificationTask("imagenet", prompts.CLASSIFICATION, load_imagenet, "top1_accuracy"),
+    CaptionTask("coco", prompts.CAPTION, load_coco, "cider", prompts.CHAT_QUESTIONS["caption"]),
+    CaptionTask("flickr30k", prompts.CAPTION, load_flickr30k, "cider", prompts.CHAT_QUESTIONS["caption"]),
+    VQATask("vqav2", prompts.VQA, load_vqav2, "vqa_accuracy", prompts.CHAT_QUESTIONS["vqa"]),
+    VQATask("okvqa", prompts.VQA, load_okvqa, "vqa_accuracy", prompts.CHAT_QUESTIONS["vqa"]),
+    VQATask("textvqa", prompts.VQA, load_textvqa, "vqa_accuracy", prompts.CHAT_QUESTIONS["vqa"]),
+    VQATask("vizwiz", prompts.VQA, load_vizwiz, "vqa_accuracy", prompts.CHAT_QUESTIONS["vqa"]),
+    HatefulMemesTask(
+        "hatefulmemes", prompts.HATEFUL_MEMES, load_hatefulmemes, "roc_auc", prompts.CHAT_QUESTIONS["hateful_memes"]
+    ),
+    ClassificationTask(
+        "imagenet", prompts.CLASSIFICATION, load_imagenet, "top1_accuracy", prompts.CHAT_QUESTIONS["classification"]
+    ),
 )

@@ -12,6 +12,9 @@ and names are looked up in `lmm.eval.registry` (a task object can be passed inst
 - RICES demos are deterministic: one trial.
 - Zero-shot: `zero_shot_text_demos` (default 2) demonstrations are still drawn but shown without
   their images (OpenFlamingo's trick), for the tasks that use it; 0 turns it off. Chat tasks use none.
+- `prompt_style`: "flamingo" (the completion templates of `lmm.eval.prompts`) or "chat" (each benchmark query,
+  and its demos as earlier turns, rendered by `model.render_chat`, as `model.chat` asks; no text-only demos).
+  Chat tasks always use their chat format.
 - `blind`: also each task's blind baseline (the same model asked without media), where it has one.
 - Every number reported is x100 (CIDEr 1.05 -> 105.0; accuracy 0.5 -> 50.0), as in the papers.
 
@@ -55,6 +58,7 @@ class EvalConfig:
     meteor: bool = True
     progress: bool = True
     blind: bool = False  # also each task's blind baseline (same model, no media), where it has one
+    prompt_style: str = "flamingo"  # benchmarks: "flamingo" completion templates or "chat" (model.render_chat)
 
     def validate(self) -> None:
         if not self.tasks:
@@ -78,6 +82,10 @@ class EvalConfig:
             raise EvalConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.zero_shot_text_demos < 0:
             raise EvalConfigError("zero_shot_text_demos must be >= 0")
+        if self.prompt_style not in prompts.PROMPT_STYLES:
+            raise EvalConfigError(
+                f"--prompt-style must be one of {', '.join(prompts.PROMPT_STYLES)}, got {self.prompt_style!r}"
+            )
         needs_root = [t.name for t in parse_tasks(self.tasks) if t.needs_data_root]
         if needs_root and self.data_root is None:
             raise EvalConfigError(
@@ -214,7 +222,7 @@ def evaluate(model, cfg: EvalConfig, model_id: str | None = None) -> dict:
     model_id and settings are loaded, not recomputed.
     """
     cfg.validate()
-    task_list = parse_tasks(cfg.tasks)
+    task_list = [t.with_prompt_style(cfg.prompt_style) for t in parse_tasks(cfg.tasks)]
     _check_model(model, task_list, cfg)
     for t in task_list:
         t.check()  # e.g. Java for caption metrics: fail before hours of generation, not after
@@ -403,6 +411,7 @@ def evaluate_task(
     data_root: str | None = None,
     progress: bool = False,
     model_id: str | None = None,
+    prompt_style: str = "flamingo",
 ) -> dict:
     """One task (a name or an EvalTask) at one shot count, one trial, nothing written: {"task", "shots",
     "primary_metric", "metrics" (x100), "n", "subset": how the test samples were chosen, "predictions",
@@ -419,6 +428,7 @@ def evaluate_task(
         progress=progress,
         max_new_tokens=max_new_tokens,
         blind=blind,
+        prompt_style=prompt_style,
     )
     report = evaluate(model, cfg, model_id=model_id)
     ((name, by_shots),) = report["results"].items()

@@ -11,6 +11,11 @@ removed (text-only demonstrations), so the model sees the format without any oth
 
 Chat tasks (easy-vqa, held-out conversation sets) are not here: their models are instruction-tuned,
 and their prompt is the model's own chat format (see `lmm.eval.conversation`).
+
+Prompt style `chat` (`lmm eval --prompt-style chat`) asks the same benchmarks the way `model.chat` does: each
+query is a user turn (`<image>` + newline + the task's chat question), demonstrations are earlier user /
+assistant turns, and the conversation is rendered by `model.render_chat` (the model's chat template and system
+prompt). `CHAT_QUESTIONS` holds the user text per template; `chat_messages` builds the turns.
 """
 
 from __future__ import annotations
@@ -50,6 +55,16 @@ HATEFUL_MEMES = PromptTemplate(
 )
 CLASSIFICATION = PromptTemplate(f"{IMAGE_TOKEN}A photo of a {{answer}}{END_OF_CHUNK_TOKEN}")
 
+PROMPT_STYLES = ("flamingo", "chat")
+
+# Prompt style `chat`: the user turn's text per task kind ({question}: the sample's question / meme text).
+CHAT_QUESTIONS = {
+    "caption": "Describe the image in one short sentence.",
+    "vqa": "{question}",
+    "hateful_memes": "The image has '{question}' written on it. Is it hateful? Answer yes or no.",
+    "classification": "What is in this image? Answer with its name.",
+}
+
 # HatefulMemes answers, by label (0 = not hateful, 1 = hateful).
 HATEFUL_MEMES_CLASSES = ("no", "yes")
 
@@ -71,6 +86,39 @@ def build_prompt(
     if text_only_demos:
         context = context.replace(IMAGE_TOKEN, "")
     return context + template.query(query_question)
+
+
+def chat_messages(
+    question: str, demos: list[tuple[str, str]], query_question: str = "", text_only_demos: bool = False
+) -> list[dict]:
+    """Prompt style `chat`: demonstrations (answer, question) as solved user / assistant turns, then the query as
+    the last user turn; `question` is the task's chat question (`CHAT_QUESTIONS`). Every user turn starts with
+    `<image>` and a newline (LLaVA's layout, as easy-vqa's conversations), except text-only demonstrations."""
+    messages: list[dict] = []
+    for answer, q in demos:
+        media = "" if text_only_demos else IMAGE_TOKEN + "\n"
+        messages += [
+            {"role": "user", "content": media + question.replace("{question}", q)},
+            {"role": "assistant", "content": answer},
+        ]
+    return messages + [{"role": "user", "content": IMAGE_TOKEN + "\n" + question.replace("{question}", query_question)}]
+
+
+def chat_answer_suffix(model) -> str:
+    """The text the model's chat template writes after an assistant answer (e.g. "<|im_end|>\n"): prompt style
+    `chat` appends it to every ranking candidate, so that a class name that is a prefix of another cannot win by
+    stopping early."""
+    from lmm.chat import render_messages
+
+    marker = "\x00ANSWER\x00"
+    text, _ = render_messages(
+        model.tokenizer,
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+        add_generation_prompt=False,
+        system_prompt=getattr(model.config, "system_prompt", None),
+    )
+    suffix = text.split(marker, 1)[1] if marker in text else ""
+    return suffix.rstrip("\n") or (getattr(model.tokenizer, "eos_token", None) or "")
 
 
 def postprocess_caption(text: str) -> str:

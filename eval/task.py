@@ -64,6 +64,11 @@ class EvalTask:
     def load(self, data_root: Path | None = None, seed: int = 0) -> TaskData:
         raise NotImplementedError
 
+    def with_prompt_style(self, style: str) -> EvalTask:
+        """This task asked in prompt style `style` ("flamingo" or "chat"); tasks with one fixed prompt format
+        (the chat tasks) return themselves."""
+        return self
+
     def zero_shot_demos(self, configured: int) -> int:
         """How many (text-only) demos precede a 0-shot query."""
         return configured if self.text_only_zero_shot else 0

@@ -18,6 +18,10 @@ final assistant turn of each conversation is the answer, asked through the model
 exact_match (generated answer) or choice (likeliest of the closed answer set: --candidates, else every distinct
 answer of the file), with the blind baseline (the same model without images) beside it.
 
+--prompt-style chat asks the benchmarks the way `model.chat` does (the model's chat template and system prompt;
+few-shot demos as earlier user/assistant turns; no text-only demos at 0 shots); flamingo (the default) keeps the
+Flamingo completion templates (`<image>Question:... Short answer:`). Held-out conversation sets are always chat.
+
 Writes the aggregate to --out, per-sample predictions to OUT.predictions/ and finished shards to OUT.shards/
 (a rerun with the same settings skips them). Scores are x100, as in the papers.
 """
@@ -106,6 +110,9 @@ def register(app: typer.Typer) -> None:
         zero_shot_text_demos: int = typer.Option(
             2, "--zero-shot-text-demos", help="Text-only demos before a 0-shot query (0: none)."
         ),
+        prompt_style: str = typer.Option(
+            "flamingo", "--prompt-style", help="Benchmarks: flamingo (completion templates) or chat (model.chat's)."
+        ),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
         meteor: bool = typer.Option(True, "--meteor/--no-meteor", help="Compute METEOR for captioning (Java, ~2 GB)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -134,6 +141,7 @@ def register(app: typer.Typer) -> None:
                 max_new_tokens=max_new_tokens,
                 meteor=meteor,
                 progress=progress,
+                prompt_style=prompt_style,
             )
             cfg.validate()
             from lmm.model import LMM

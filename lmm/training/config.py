@@ -9,6 +9,7 @@ Validation runs before any model or data loads, so a bad config fails within a s
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -207,10 +208,16 @@ class TrainConfig(YamlConfig):
         s = self.schedule
         if s.max_steps < 1:
             raise ConfigError(f"schedule.max_steps must be >= 1, got {s.max_steps}")
-        if s.warmup_steps < 0 or s.warmup_steps > s.max_steps:
-            raise ConfigError(
-                f"schedule.warmup_steps ({s.warmup_steps}) must be between 0 and schedule.max_steps ({s.max_steps})"
+        if s.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+        if s.warmup_steps > s.max_steps:  # e.g. a max_steps=3 smoke test with the default warm-up
+            print(
+                f"warning: schedule.warmup_steps ({s.warmup_steps}) is larger than schedule.max_steps "
+                f"({s.max_steps}); warm-up clamped to {s.max_steps} steps",
+                file=sys.stderr,
+                flush=True,
             )
+            s.warmup_steps = s.max_steps
         if not 0.0 <= s.min_lr_ratio <= 1.0:
             raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
         c = self.checkpoint

@@ -119,6 +119,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 rank=env.rank,
                 world_size=env.world_size,
                 pin_memory=env.device.type == "cuda",
+                system_prompt=model.config.system_prompt,  # render conversations as model.chat does
             )
         if evaluate is None:
             from lmm.training.evaluation import build_evaluator

@@ -341,6 +341,9 @@ class Trainer:
         total = cfg.schedule.max_steps
         monitor = Monitor(self.run_dir, cfg, total, self.step, env.is_main, self.task_names)
         result = TrainResult(output_dir=None, step=self.step)
+        n_train = sum(p.numel() for p in self.lmm.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.lmm.parameters())
+        monitor.write(f"trainable parameters: {n_train:,} of {n_all:,} ({100.0 * n_train / max(n_all, 1):.2f}%)")
         if self.resumed_from is not None:
             monitor.write(f"resumed from {self.resumed_from} at step {self.step}")
         last_ckpt = self.step if self.resumed_from is not None else -1

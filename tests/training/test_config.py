@@ -29,6 +29,22 @@ def write(tmp_path, cfg: dict):
     return path
 
 
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning(tmp_path, dataset, h, tiny_dir, capsys):
+    """schedule.max_steps=5 with warmup_steps=10 (e.g. a smoke test with the default warm-up): the warm-up is
+    clamped to the run's length and a warning says so, instead of a ConfigError."""
+    cfg = h.run_config(tmp_path / "run", tiny_dir, dataset)
+    cfg["schedule"].update(max_steps=5, warmup_steps=10)
+    loaded = load_train_config(write(tmp_path, cfg))
+    loaded.validate_training()
+    assert loaded.schedule.warmup_steps == 5
+    err = capsys.readouterr().err
+    assert "warning: schedule.warmup_steps (10) is larger than schedule.max_steps (5)" in err
+    assert "clamped to 5 steps" in err
+    loaded.validate_training()  # already clamped: no second warning
+    assert "warning" not in capsys.readouterr().err
+    assert lr_factor(4, loaded.schedule) == pytest.approx(1.0)  # warm-up ends at the last step
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -38,7 +54,7 @@ def write(tmp_path, cfg: dict):
         (lambda c: c["data"]["datasets"][0].update(image_root="/nonexistent/images"), "image_root folder not found"),
         (lambda c: c["optim"].update(global_batch_size=6, grad_accum=4), "not divisible by world_size"),
         (lambda c: c["optim"].update(grad_accum=0), "optim.grad_accum must be >= 1"),
-        (lambda c: c["schedule"].update(max_steps=5, warmup_steps=10), "warmup_steps (10) must be between 0"),
+        (lambda c: c["schedule"].update(warmup_steps=-1), "schedule.warmup_steps must be >= 0"),
         (lambda c: c["data"].update(batch_size=0), "data.batch_size must be >= 1"),
         (lambda c: c.update(model_overrides=["lora.rank=4"]), "model_overrides: unknown config key 'lora.rank'"),
         (lambda c: c.update(preset="/nonexistent/model"), "neither a preset name"),
@@ -56,7 +72,7 @@ def write(tmp_path, cfg: dict):
         "missing-image-root",
         "global-batch",
         "grad-accum",
-        "warmup",
+        "negative-warmup",
         "batch-size",
         "override-typo",
         "missing-preset",
