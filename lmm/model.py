@@ -178,8 +178,8 @@ class LMM(nn.Module):
         model = cls.from_config(config, tokenizer=tokenizer, device=device)
         if frozen is not None:
             trainable = set(model.trainable_state_dict())
-            wanted = {n for n, _ in model.named_parameters() if n not in trainable} - set(frozen)
-            wanted = {n for n in wanted if n in unique_state(model)}  # tied weights are saved under one name
+            own = unique_state(model)  # tied weights are saved under one name
+            wanted = {n for n, _ in model.named_parameters() if n in own and n not in trainable} - set(frozen)
             if wanted:
                 raise ConfigError(f"{path / FROZEN_FILE} lacks frozen weights of this model: {sorted(wanted)[:5]}")
             missing = model._load_named(frozen)

@@ -12,16 +12,14 @@ def add_media_tokens(tokenizer) -> tuple[int, int]:
 
     Also gives the tokenizer a pad token (EOS) when it has none, so batching works.
     """
-    missing = [t for t in MEDIA_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    image_id, eoc_id = add_tokens(tokenizer, list(MEDIA_TOKENS))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return (tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN))
+    return image_id, eoc_id
 
 
 def add_tokens(tokenizer, tokens: list[str]) -> list[int]:
-    """Add more media marker tokens (other modalities: `<audio>` ...) as special tokens; return their ids."""
+    """Add tokens (media markers: `<image>`, `<audio>` ...) as special tokens where missing; return their ids."""
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

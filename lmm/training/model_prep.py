@@ -1,5 +1,6 @@
-"""What training does to a model before the first step: frozen new-token rows, activation
-checkpointing, compilation. Nothing here changes parameter names, so saved weights stay loadable.
+"""What training does to a model before the first step: frozen new-token rows, compilation (activation
+checkpointing is `LMM.gradient_checkpointing_enable`). Nothing here changes parameter names, so saved weights
+stay loadable.
 """
 
 from __future__ import annotations
@@ -39,12 +40,6 @@ def saveable(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p in rows:
             p.requires_grad_(False)
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute each decoder layer (with its cross-attention block) in backward; see
-    `LMM.gradient_checkpointing_enable`. Returns the number of layers wrapped."""
-    return model.gradient_checkpointing_enable()
 
 
 def compile_model(model: nn.Module) -> nn.Module:

@@ -38,7 +38,7 @@ from lmm.training.distributed import (
     wrap_model,
 )
 from lmm.training.loss import count_targets, step_loss, target_mask_and_tasks, task_coefficients
-from lmm.training.model_prep import compile_model, enable_gradient_checkpointing, freeze_new_token_rows, saveable
+from lmm.training.model_prep import compile_model, freeze_new_token_rows, saveable
 from lmm.training.monitor import Monitor
 from lmm.training.optim import build_optimizer, build_scheduler
 
@@ -99,7 +99,7 @@ class Trainer:
         if cfg.freeze_new_token_rows:
             freeze_new_token_rows(model)
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            model.gradient_checkpointing_enable()
         model.train()
         self.model = wrap_model(model, self.env)
         if cfg.compile:
