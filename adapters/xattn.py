@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention, feed_forward
+from .attention import Attention, feed_forward, norm_layer
 
 
 def media_mask(
@@ -35,14 +35,30 @@ class GatedCrossAttentionBlock(nn.Module):
     no cross-attention output."""
 
     def __init__(
-        self, dim: int, media_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4, qk_norm: bool = False
+        self,
+        dim: int,
+        media_dim: int,
+        heads: int = 8,
+        head_dim: int = 64,
+        ff_mult: int = 4,
+        qk_norm: bool = False,
+        cosine: bool = False,
+        norm: str = "layer",
+        norm_eps: float = 1e-5,
+        ff_act: str = "gelu",
+        ff_hidden: int | None = None,
+        vector_gates: bool = False,
     ):
+        # norm="rms", ff_act="swiglu", vector_gates: IDEFICS's block (RMSNorm pre-norms and q/k norms, a Llama MLP,
+        # one tanh gate per channel); the defaults are Flamingo's
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = Attention(dim, media_dim, heads=heads, head_dim=head_dim, qk_norm=qk_norm)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = feed_forward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.norm = norm_layer(norm, dim, norm_eps)
+        self.attn = Attention(
+            dim, media_dim, heads=heads, head_dim=head_dim, qk_norm=qk_norm, cosine=cosine, norm=norm, norm_eps=norm_eps
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(dim if vector_gates else 1))
+        self.ff = feed_forward(dim, ff_mult, ff_act, norm, norm_eps, ff_hidden)
+        self.ff_gate = nn.Parameter(torch.zeros(dim if vector_gates else 1))
 
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, visible: torch.Tensor, kv_cache: dict | None = None

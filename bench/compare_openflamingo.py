@@ -10,7 +10,11 @@ FFN x4). OpenFlamingo is built from its own classes (`Flamingo`, `FlamingoLMMixi
 embeddings too, as its factory does by default. Its `generate()` fails on transformers 5 (the mixin's forward
 gets no attention_mask), so its decoding runs the way `generate` would: media encoded once (cached-media mode),
 then a plain greedy loop over its language model with the KV cache. Runs alternate (lmm, OF, lmm, OF ...);
-medians are reported. Prints one JSON line with both sides and the ratios (lmm speed / OpenFlamingo speed).
+medians are reported. Prints one JSON line with both sides and the ratios (lmm speed / OpenFlamingo speed):
+lmm decodes with its default dynamic KV cache and, as `lmm_static`, with a preallocated StaticCache. `matmul_floor`
+is lmm's decode step reduced to its matrix products alone (every weight it reads, on the same rows, nothing
+else), and `speedup_bound` OpenFlamingo's time per token over that floor: the ratio lmm would reach if
+everything but its matmuls took no time.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import time
 import torch
 
 SHAPES = {
+    # a smoke test of the script itself (seconds), not a measurement
+    "tiny": dict(
+        hidden=64, layers=2, heads=2, inter=128, vocab=1000, batch=2, images=2, tokens=32, prompt=15, new_tokens=8
+    ),
     # the issue's CPU shape: Llama hidden 512 x 8 layers x 8 heads, intermediate 1376, vocab 32000
     "mid": dict(
         hidden=512, layers=8, heads=8, inter=1376, vocab=32000, batch=4, images=2, tokens=128, prompt=31, new_tokens=32
@@ -132,6 +140,27 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
+def matmul_floor(model, rows: int, repeats: int) -> float:
+    """Seconds for the matrix products of one lmm decode step and nothing else: each linear layer of the LM and
+    of its cross-attention blocks (but the media keys/values, projected once per generation) and the head."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    once = {id(b.attn.to_kv) for b in model.xattn_blocks()}
+    weights = [m.weight for m in model.lm.modules() if isinstance(m, nn.Linear) and id(m) not in once]
+    if all(w is not model.head.base.weight for w in weights):
+        weights.append(model.head.base.weight)
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+
+    @torch.no_grad()
+    def step():
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    step()
+    return statistics.median(timed(step, str(weights[0].device)) for _ in range(max(3, repeats)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="mid", choices=sorted(SHAPES))
@@ -146,6 +175,8 @@ def main() -> None:
     low = torch.bfloat16 if cuda else torch.float32
     from lmm.generation import GenerationConfig, decode_steps
     from lmm.runtime import enable_tf32
+    from lmm.training.config import OptimConfig
+    from lmm.training.optim import build_optimizer
 
     enable_tf32()
     ours = build_lmm(s, dev, "auto")
@@ -168,7 +199,8 @@ def main() -> None:
     if not args.skip_train:
         ids, mask, pix = batch(s, media_id, eoc_id, dev, s["batch"], s["tokens"], s["images"])
         labels = ids.masked_fill(ids == media_id, -100)
-        opt_ours = torch.optim.AdamW(ours.trainable_parameters(), lr=1e-5)
+        # each side's optimizer as its own trainer builds it: lmm's (fused AdamW), OpenFlamingo's train.py (AdamW)
+        opt_ours = build_optimizer(ours, OptimConfig(lr=1e-5), torch.device(dev))
         opt_peer = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-5)
         ours.train()
         peer.train()
@@ -201,8 +233,8 @@ def main() -> None:
     n_new = s["new_tokens"]
 
     @torch.no_grad()
-    def decode_ours(ids, mask, pix):
-        cfg = GenerationConfig(max_new_tokens=n_new, stop_at_end_of_chunk=False)
+    def decode_ours(ids, mask, pix, cache="dynamic"):
+        cfg = GenerationConfig(max_new_tokens=n_new, stop_at_end_of_chunk=False, cache=cache)
         with amp:
             toks = list(decode_steps(ours, ids, mask, pix, cfg=cfg))
         return torch.stack(toks, 1)
@@ -226,16 +258,26 @@ def main() -> None:
 
     for rows in (1, 8):
         ids, mask, pix = batch(s, media_id, eoc_id, dev, rows, s["prompt"] + 1, 1)
-        decode_ours(ids, mask, pix), decode_peer(ids, mask, pix)  # warm-up
-        t_ours, t_peer, n_ours = [], [], None
+        dynamic = decode_ours(ids, mask, pix)  # warm-up
+        static = decode_ours(ids, mask, pix, "static")
+        decode_peer(ids, mask, pix)
+        if not torch.equal(dynamic, static):
+            raise SystemExit("lmm's static and dynamic caches decoded different tokens")
+        n_ours = dynamic.shape[1]
+        t_ours, t_static, t_peer = [], [], []
         for _ in range(args.repeats):
             t_ours.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix), dev))
-            n_ours = decode_ours(ids, mask, pix).shape[1] if n_ours is None else n_ours
             t_peer.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_peer(ids, mask, pix), dev))
+            t_static.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix, "static"), dev))
         tps_ours = rows * n_ours / statistics.median(t_ours)
+        tps_static = rows * n_ours / statistics.median(t_static)
         tps_peer = rows * n_new / statistics.median(t_peer)
-        out[f"decode_b{rows}_tokens_per_s"] = {"lmm": tps_ours, "openflamingo": tps_peer}
+        floor = matmul_floor(ours, rows, args.repeats)
+        out[f"decode_b{rows}_tokens_per_s"] = {"lmm": tps_ours, "lmm_static": tps_static, "openflamingo": tps_peer}
         out[f"decode_b{rows}_speedup"] = tps_ours / tps_peer
+        out[f"decode_b{rows}_static_speedup"] = tps_static / tps_peer
+        out[f"decode_b{rows}_matmul_floor_ms"] = floor * 1e3
+        out[f"decode_b{rows}_speedup_bound"] = (rows / tps_peer) / floor
     out["torch"] = torch.__version__
     print(json.dumps(out))
 

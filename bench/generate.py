@@ -21,9 +21,11 @@ from shapes import build, get_shape, sync  # noqa: E402
 from lmm.generation import GenerationConfig, decode_steps  # noqa: E402
 
 
-def timed_decode(model, ids, mask, pix, new_tokens: int, device: str) -> tuple[float, float, int]:
+def timed_decode(
+    model, ids, mask, pix, new_tokens: int, device: str, cache: str = "dynamic"
+) -> tuple[float, float, int]:
     """(seconds to the first token, seconds for all tokens, tokens generated); only EOS stops a row early."""
-    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_end_of_chunk=False)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_end_of_chunk=False, cache=cache)
     sync(device)
     t0 = time.perf_counter()
     first = None
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="the decode loop's KV cache")
     args = ap.parse_args()
     shape = get_shape(args.shape)
     model = build(shape, args.device).eval()
@@ -56,15 +59,18 @@ def main() -> None:
         pix = torch.randn(B, 1, 1, 3, shape.image_size, shape.image_size, generator=g)
         return ids.to(args.device), torch.ones_like(ids).to(args.device), pix.to(args.device)
 
-    single = [timed_decode(model, *inputs(1), args.new_tokens, args.device) for _ in range(args.repeats + 1)][1:]
+    single = [
+        timed_decode(model, *inputs(1), args.new_tokens, args.device, args.cache) for _ in range(args.repeats + 1)
+    ][1:]
     ttft = statistics.median(s[0] for s in single)
     decode_tps = statistics.median((s[2] - 1) / (s[1] - s[0]) for s in single)
-    batched = [timed_decode(model, *inputs(args.batch), args.new_tokens, args.device) for _ in range(2)][1:]
+    batched = [timed_decode(model, *inputs(args.batch), args.new_tokens, args.device, args.cache) for _ in range(2)][1:]
     out = {
         "bench": "generate",
         "shape": args.shape,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "cache": args.cache,
         "ttft_s": ttft,
         "decode_tokens_per_s_b1": decode_tps,
         "tokens_generated_b1": single[0][2],

@@ -1,10 +1,12 @@
 """lmm.data: files on disk -> the batches the model trains on.
 
-Formats (MMC4 / OBELICS documents, webdataset or parquet pairs, video clips, LLaVA conversations),
+Formats (MMC4 / OBELICS documents, webdataset or parquet pairs, video clips, audio-text pairs, LLaVA conversations
+with images, videos and audio),
 local sources (webdataset shards, HF `datasets` files), Flamingo formatting and labels, packing,
 mixtures and curricula, and a sharded, resumable multi-worker loader that skips and counts bad samples;
 data preparers (`prepare`) that write demo data as ordinary files, and an in-order reader (`ordered`).
-It knows the model only through a tokenizer and an image transform; it never imports lmm.model.
+It knows the model only through a tokenizer, an image transform and the other encoders' `preprocess` (audio);
+it never imports lmm.model.
 """
 
 from .config import DataConfig, DatasetConfig, StageConfig

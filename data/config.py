@@ -13,7 +13,7 @@ from typing import Literal
 from lmm.config import ConfigError, from_dict
 
 SOURCES = ("auto", "webdataset", "parquet", "json", "arrow", "disk")
-FORMATS = ("auto", "pair", "mmc4", "obelics", "conversation", "video")
+FORMATS = ("auto", "pair", "mmc4", "obelics", "conversation", "video", "audio")
 
 
 @dataclass
@@ -28,14 +28,14 @@ class DatasetConfig:
     path: str = ""
     name: str | None = None  # shown in logs / task_names; default: derived from path
     source: Literal["auto", "webdataset", "parquet", "json", "arrow", "disk"] = "auto"
-    format: Literal["auto", "pair", "mmc4", "obelics", "conversation", "video"] = "auto"
+    format: Literal["auto", "pair", "mmc4", "obelics", "conversation", "video", "audio"] = "auto"
     streaming: bool = False  # HF datasets: stream the files instead of building an Arrow cache
     split: str = "train"  # split name inside a `save_to_disk` DatasetDict
     weight: float = 1.0  # share of the mixture (normalised within a stage)
     loss_weight: float = 1.0  # per-dataset loss weight for the trainer (via task_ids)
-    image_root: str | None = None  # folder that relative image/video paths are resolved against
+    image_root: str | None = None  # folder that relative image/video/audio paths are resolved against
     image_key: str | None = None  # column/extension holding the image (default: detected)
-    text_key: str | None = None  # column/extension holding the caption (default: detected)
+    text_key: str | None = None  # column/extension holding the caption (conversation: a JSON member of turns)
     min_similarity: float = 0.24  # MMC4: drop images whose matched_sim is below this
     num_frames: int | None = None  # video: frames sampled uniformly (default: data.num_frames)
     repeat: int = 1  # 4M repeat sampling: each decoded sample used up to this many times

@@ -1,6 +1,7 @@
 """The training loader: multi-worker, sharded over ranks and workers, resumable, bad-sample counting.
 
-    loader = build_loader(cfg, tokenizer, image_transform, rank=r, world_size=n)
+    loader = build_loader(cfg, tokenizer, image_transform, rank=r, world_size=n,
+                          media_processors={"audio": model.encoders["audio"].preprocess})
     for batch in loader: ...                  # dicts in the batch contract (see data.packing)
     ckpt["data"] = loader.state_dict()        # after the batches consumed so far
     loader.load_state_dict(ckpt["data"])      # a new loader continues with the next unseen batch
@@ -224,6 +225,8 @@ class LMMLoader:
         pin_memory: bool = False,
         probe: bool = True,
         system_prompt: str | None = None,
+        media_processors: dict[str, Callable] | None = None,
+        sampling_rate: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -239,6 +242,8 @@ class LMMLoader:
             cfg.too_many_images,
             cfg.num_frames,
             system_prompt=system_prompt,
+            media_processors=media_processors,
+            **({"sampling_rate": sampling_rate} if sampling_rate else {}),
         )
         self.sources = {}
         for stage in self.stages:
@@ -345,9 +350,23 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     system_prompt: str | None = None,
+    media_processors: dict[str, Callable] | None = None,
+    sampling_rate: int | None = None,
 ) -> LMMLoader:
     """The resumable training loader for `cfg` (see the module docstring). `system_prompt`: the model's default
-    system message (`model.config.system_prompt`), given to conversations that bring none, as `model.chat` does."""
+    system message (`model.config.system_prompt`), given to conversations that bring none, as `model.chat` does.
+    `media_processors`: {modality: raw item -> (F, ...) tensor} for the model's other encoders (`audio`: its
+    `preprocess`), as `image_transform` is the vision tower's; `sampling_rate`: what audio is decoded to."""
     if cfg.num_workers > 0:  # forked workers and a tokenizer's own threads deadlock: let the workers parallelise
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return LMMLoader(cfg, tokenizer, image_transform, rank, world_size, pin_memory, system_prompt=system_prompt)
+    return LMMLoader(
+        cfg,
+        tokenizer,
+        image_transform,
+        rank,
+        world_size,
+        pin_memory,
+        system_prompt=system_prompt,
+        media_processors=media_processors,
+        sampling_rate=sampling_rate,
+    )

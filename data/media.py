@@ -75,15 +75,13 @@ def _b64decode(text, what: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError) as e:
-        raise BadSample(
-            "corrupt_image" if what == "image" else "corrupt_video", f"{what}_base64 is not valid base64: {e}"
-        ) from None
+        raise BadSample(f"corrupt_{what}", f"{what}_base64 is not valid base64: {e}") from None
 
 
 def read_media_bytes(value, root: str | None = None, what: str = "image") -> bytes:
     """The raw bytes of an image/video field: bytes, a path, a `{"bytes", "path"}` dict or base64."""
-    missing = "missing_image" if what == "image" else "missing_video"
-    empty = "empty_image" if what == "image" else "corrupt_video"
+    missing = f"missing_{what}"  # what: image, video or audio
+    empty = {"image": "empty_image", "audio": "empty_audio"}.get(what, "corrupt_video")
     if isinstance(value, dict):  # HF Image(decode=False) / Video columns, MMC4 image_info
         if value.get("bytes"):
             value = value["bytes"]

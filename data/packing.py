@@ -6,6 +6,9 @@ Batch contract (what `LMM.forward` consumes):
       `resize_crop` and `normalize` (the vision tower normalises it); the k-th `<image>` of row b is pixel_values[b, k]
       (counted across all packed segments of the row); unused slots are zeros; M >= 1
   frame_mask: (B, M, F) bool, only when media in the batch have different frame counts
+  media_inputs: {modality: (B, M, F, ...)} for other modalities (audio: F = 30 s chunks), the k-th `<audio>` of
+      row b is media_inputs["audio"][b, k]; media_frame_mask: {modality: (B, M, F) bool} when their frame counts
+      differ. A batch with only such media has no pixel_values.
   segment_ids, position_ids: (B, T) long, packed rows only; position ids restart at 0 per segment;
       padding forms one extra segment (attention_mask 0)
 """
@@ -21,13 +24,19 @@ from .text import IGNORE_INDEX
 
 @dataclass
 class Encoded:
-    """One tokenised sample with its media: media[k] (F, C, H, W) belongs to the k-th `<image>` token."""
+    """One tokenised sample with its media: media[k] (F, C, H, W) belongs to the k-th `<image>` token;
+    other_media[name][k] (F, ...) to the k-th marker of modality `name` (`<audio>` ...)."""
 
     input_ids: list[int]
     labels: list[int]
     media: list[torch.Tensor] = field(default_factory=list)
     task: int = 0
     key: str = ""
+    other_media: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def n_media(self) -> int:
+        return len(self.media) + sum(len(v) for v in self.other_media.values())
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -59,6 +68,42 @@ def _pixel_values(
     return out
 
 
+def _media_inputs(rows: list[dict[str, list[torch.Tensor]]]) -> dict:
+    """Other modalities' items per row -> {"media_inputs": {name: (B, M, F, ...)}} (zero-padded slots and frames),
+    plus {"media_frame_mask": {name: (B, M, F) bool}} for the modalities whose items differ in frame count."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    inputs, masks = {}, {}
+    for name in names:
+        items = [row.get(name, []) for row in rows]
+        shapes = {tuple(x.shape[1:]) for row in items for x in row}
+        if len(shapes) > 1:
+            raise ValueError(f"the {name} preprocessing returned items of different shapes {sorted(shapes)}")
+        frames = {x.shape[0] for row in items for x in row}
+        first = next(x for row in items for x in row)
+        values = torch.zeros(len(rows), max(len(r) for r in items), max(frames), *shapes.pop(), dtype=first.dtype)
+        mask = torch.zeros(values.shape[:3], dtype=torch.bool)
+        for b, row in enumerate(items):
+            for k, x in enumerate(row):
+                values[b, k, : x.shape[0]] = x
+                mask[b, k, : x.shape[0]] = True
+        inputs[name] = values
+        if len(frames) > 1:
+            masks[name] = mask
+    out = {"media_inputs": inputs} if inputs else {}
+    if masks:
+        out["media_frame_mask"] = masks
+    return out
+
+
+def _add_media(batch: dict, images: list[list[torch.Tensor]], others: list[dict], media_shape, media_dtype) -> dict:
+    """pixel_values (always, as before, unless the batch holds only other modalities' media) and media_inputs."""
+    extra = _media_inputs(others)
+    if not extra or any(images):
+        batch.update(_pixel_values(images, media_shape, media_dtype))
+    batch.update(extra)
+    return batch
+
+
 def collate(samples: list[Encoded], pad_id: int, media_shape=(3, 224, 224), media_dtype=torch.float32) -> dict:
     """One sample per row, right-padded to the longest row."""
     T = max(len(s) for s in samples)
@@ -74,8 +119,7 @@ def collate(samples: list[Encoded], pad_id: int, media_shape=(3, 224, 224), medi
         attention_mask[b, :n] = 1
         task_ids[b, :] = s.task
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
-    batch.update(_pixel_values([s.media for s in samples], media_shape, media_dtype))
-    return batch
+    return _add_media(batch, [s.media for s in samples], [s.other_media for s in samples], media_shape, media_dtype)
 
 
 def collate_packed(
@@ -115,12 +159,17 @@ def collate_packed(
         "segment_ids": segment_ids,
         "position_ids": position_ids,
     }
-    batch.update(_pixel_values([[m for s in row for m in s.media] for row in rows], media_shape, media_dtype))
-    return batch
+    images = [[m for s in row for m in s.media] for row in rows]
+    others = [{} for _ in rows]
+    for b, row in enumerate(rows):
+        for s in row:
+            for name, items in s.other_media.items():
+                others[b].setdefault(name, []).extend(items)
+    return _add_media(batch, images, others, media_shape, media_dtype)
 
 
 def fits(row: list[Encoded], sample: Encoded, row_length: int, max_media: int | None = None) -> bool:
     """Whether `sample` can join `row` (greedy, order-preserving packing)."""
     if sum(len(s) for s in row) + len(sample) > row_length:
         return False
-    return max_media is None or sum(len(s.media) for s in row) + len(sample.media) <= max_media
+    return max_media is None or sum(s.n_media for s in row) + sample.n_media <= max_media

@@ -195,6 +195,8 @@ def _undecoded(ds):
             ds = ds.cast_column(name, datasets.Image(decode=False))
         elif hasattr(datasets, "Video") and isinstance(feat, datasets.Video) and getattr(feat, "decode", False):
             ds = ds.cast_column(name, datasets.Video(decode=False))
+        elif isinstance(feat, datasets.Audio) and feat.decode:  # decoded by data.audio (PyAV), not torchcodec
+            ds = ds.cast_column(name, datasets.Audio(decode=False))
     return ds
 
 

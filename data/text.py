@@ -43,14 +43,30 @@ def media_token_ids(tokenizer) -> tuple[int, int]:
     return ids[IMAGE_TOKEN], ids[END_OF_CHUNK_TOKEN]
 
 
+def _marker(p) -> str:
+    """The marker token of a media part: its `marker` (`<audio>` for a MediaRef of kind audio), else `<image>`."""
+    return getattr(p, "marker", IMAGE_TOKEN)
+
+
+def marker_ids(tokenizer, markers=()) -> set[int]:
+    """Ids of `<image>` and of the other marker tokens (`<audio>` ...) the tokenizer has."""
+    ids = {media_token_ids(tokenizer)[0]}
+    for m in markers:
+        i = tokenizer.convert_tokens_to_ids(m)
+        if i is not None and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return ids
+
+
 def flamingo_text(parts: list, is_media=lambda p: not isinstance(p, str)) -> str:
-    """Interleaved parts -> "text <image>chunk<|endofchunk|><image>chunk<|endofchunk|>"."""
+    """Interleaved parts -> "text <image>chunk<|endofchunk|><audio>chunk<|endofchunk|>" (each media part's own
+    marker: `<image>` for images and videos, `<audio>` for audio)."""
     out, seen_media, prev_text = [], False, False
     for p in parts:
         if is_media(p):
             if seen_media:
                 out.append(END_OF_CHUNK_TOKEN)
-            out.append(IMAGE_TOKEN)
+            out.append(_marker(p))
             seen_media, prev_text = True, False
         else:
             text = p.strip()
@@ -63,17 +79,17 @@ def flamingo_text(parts: list, is_media=lambda p: not isinstance(p, str)) -> str
 
 
 def encode_document(parts: list, tokenizer) -> Tokenized:
-    """Flamingo-format a document and label it (loss from the first image on, never on `<image>`)."""
-    image_id, _ = media_token_ids(tokenizer)
+    """Flamingo-format a document and label it (loss from the first media marker on, never on a marker)."""
+    markers = marker_ids(tokenizer, {_marker(p) for p in parts if not isinstance(p, str)})
     ids = list(tokenizer(flamingo_text(parts), add_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
     labels = list(ids)
-    first = ids.index(image_id) if image_id in ids else len(ids)
+    first = next((i for i, t in enumerate(ids) if t in markers), len(ids))
     for i in range(first + 1):
         if i < len(labels):
             labels[i] = IGNORE_INDEX
-    labels = [IGNORE_INDEX if t == image_id else lab for t, lab in zip(ids, labels)]
+    labels = [IGNORE_INDEX if t in markers else lab for t, lab in zip(ids, labels)]
     return Tokenized(ids, labels)
 
 
@@ -108,9 +124,10 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
-def encode_conversation(messages: list[dict], tokenizer) -> Tokenized:
-    """Render with the chat template; labels only on tokens starting inside an assistant span."""
-    image_id, _ = media_token_ids(tokenizer)
+def encode_conversation(messages: list[dict], tokenizer, markers=()) -> Tokenized:
+    """Render with the chat template; labels only on tokens starting inside an assistant span, never on
+    `<image>` or the other `markers` (`<audio>` ...)."""
+    skip = marker_ids(tokenizer, markers)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("conversation data needs a fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))")
     full, spans = assistant_spans(tokenizer, messages)
@@ -121,7 +138,7 @@ def encode_conversation(messages: list[dict], tokenizer) -> Tokenized:
     for t, (s, _end) in enumerate(enc["offset_mapping"]):
         while j < len(spans) and s >= spans[j][1]:
             j += 1
-        if j < len(spans) and spans[j][0] <= s < spans[j][1] and ids[t] != image_id:
+        if j < len(spans) and spans[j][0] <= s < spans[j][1] and ids[t] not in skip:
             labels[t] = ids[t]
     return Tokenized(ids, labels)
 

@@ -13,7 +13,8 @@ Command line: `lmm eval --model DIR --tasks coco,vqav2 --shots 0,4,8 --data-root
 `lmm eval --model DIR --data heldout.json --format conversation [--metric exact_match|choice]`.
 
 Modules: `task` (the interface every task implements), `tasks` (benchmark datasets and their file layouts),
-`benchmarks` (the Flamingo-protocol tasks), `conversation` (chat tasks over conversation data), `easyvqa` (the
+`benchmarks` (the Flamingo-protocol tasks), `media_tasks` (video QA, audio captioning and classification; their
+files: `video_qa`, `audio_tasks`), `conversation` (chat tasks over conversation data), `easyvqa` (the
 demo benchmark), `registry` (task names), `prompts` (every template), `metrics` and `vqa_normalize` (scorers),
 `rices` (demo retrieval), `harness` (the loop), `results` (shards, JSON, summary table).
 """

@@ -28,9 +28,19 @@ SCORE_CHUNK = 128  # candidates per model.score call
 SCORE_BATCH = 128  # rows per forward when scoring the blind prompts (they carry no images)
 
 
+MARKERS = (IMAGE_TOKEN, "<video>", "<audio>")
+
+
 def without_media(messages) -> list[dict]:
-    """The same turns with every `<image>` marker (and the newline LLaVA data writes after it) removed."""
-    return [dict(m, content=m["content"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")) for m in messages]
+    """The same turns with every media marker (`<image>`, `<video>`, `<audio>`, and the newline LLaVA data
+    writes after it) removed."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        for marker in MARKERS:
+            content = content.replace(marker + "\n", "").replace(marker, "")
+        out.append(dict(m, content=content))
+    return out
 
 
 class ConversationTask(EvalTask):
@@ -186,12 +196,23 @@ def _score(model, prompts: list[str], images: list[list], candidates: list[str],
 
 
 def _image(value):
-    """A path stays a path (the harness opens it); other media values (bytes, HF dicts) are decoded here."""
-    if isinstance(value, str):
+    """A path stays a path (the harness opens it), a video or audio clip stays wrapped (`model.generate` decodes
+    it at its marker); other media values (bytes, HF dicts) are decoded here as images."""
+    from lmm.inputs import Audio, Video
+
+    if isinstance(value, (str, Audio, Video)):
         return value
     from lmm.data.media import decode_image
 
     return decode_image(value)
+
+
+def _wrapped(ref):
+    """A conversation's media value as `model.generate` takes it in a mixed list: images as they are, videos and
+    audio clips in their `lmm.inputs` wrapper."""
+    from lmm.inputs import Audio, Video
+
+    return {"video": Video, "audio": Audio}.get(ref.kind, lambda v: v)(ref.value)
 
 
 def read_conversation_file(path: str, image_root: str | None = None) -> TaskData:
@@ -207,7 +228,7 @@ def read_conversation_file(path: str, image_root: str | None = None) -> TaskData
             if bad is None:
                 turns = sample.messages
                 if len(turns) >= 2 and turns[-1]["role"] == "assistant" and turns[-2]["role"] == "user":
-                    media = tuple(m.value for m in sample.media)  # paths come resolved against image_root
+                    media = tuple(_wrapped(m) for m in sample.media)  # paths come resolved against image_root
                     samples.append(
                         Sample(
                             id=str(index),

@@ -224,6 +224,9 @@ def evaluate(model, cfg: EvalConfig, model_id: str | None = None) -> dict:
     cfg.validate()
     task_list = [t.with_prompt_style(cfg.prompt_style) for t in parse_tasks(cfg.tasks)]
     _check_model(model, task_list, cfg)
+    no_rices = [t.name for t in task_list if cfg.rices and not t.supports_rices]
+    if no_rices:
+        raise EvalConfigError(f"--rices retrieves demos by image features; {', '.join(no_rices)} cannot: drop --rices")
     for t in task_list:
         t.check()  # e.g. Java for caption metrics: fail before hours of generation, not after
     model_id = model_id or default_model_id(model)

@@ -1,14 +1,16 @@
-"""The tasks `lmm eval --tasks` and a training config's `eval.task` can name: the few-shot benchmarks and the
-easy-vqa demo, by name (with a few aliases). A task object not listed here can be passed to the harness as is.
+"""The tasks `lmm eval --tasks` and a training config's `eval.task` can name: the few-shot benchmarks (images:
+`lmm.eval.benchmarks`; video and audio: `lmm.eval.media_tasks`) and the easy-vqa demo, by name (with a few
+aliases). A task object not listed here can be passed to the harness as is.
 """
 
 from __future__ import annotations
 
 from .benchmarks import BENCHMARKS
 from .easyvqa import EASYVQA
+from .media_tasks import MEDIA_TASKS
 from .task import EvalTask, TaskDataError
 
-TASKS: dict[str, EvalTask] = {t.name: t for t in (*BENCHMARKS, EASYVQA)}
+TASKS: dict[str, EvalTask] = {t.name: t for t in (*BENCHMARKS, *MEDIA_TASKS, EASYVQA)}
 ALIASES = {
     "flickr": "flickr30k",
     "ok-vqa": "okvqa",
@@ -20,6 +22,15 @@ ALIASES = {
     "easy-vqa": "easyvqa",
     "easy_vqa": "easyvqa",
     "classification": "imagenet",
+    "msrvtt": "msrvtt_qa",
+    "msrvtt-qa": "msrvtt_qa",
+    "msvd": "msvd_qa",
+    "msvd-qa": "msvd_qa",
+    "esc-50": "esc50",
+    "clotho_captioning": "clotho",
+    "audio-caps": "audiocaps",
+    "audio_caps": "audiocaps",
+    "esc_50": "esc50",
 }
 
 

@@ -57,6 +57,7 @@ class EvalTask:
     needs_data_root: bool = True  # reads its files from --data-root
     model_methods: tuple[str, ...] = ("generate",)  # what the model must offer
     text_only_zero_shot: bool = True  # 0-shot queries follow text-only demos (OpenFlamingo's trick)
+    supports_rices: bool = True  # demos can be retrieved by image similarity (--rices)
 
     def check(self) -> None:
         """Fail before any model call when something the task needs later is missing (e.g. Java)."""

@@ -49,6 +49,8 @@ imagenet (any ImageNet-style folder dataset; class by log-likelihood of the clas
 
 easyvqa (the `easy_vqa` package's own data; nothing needed under --data-root): see `lmm.eval.easyvqa`.
 
+Video QA (msrvtt_qa, msvd_qa): see `lmm.eval.video_qa`; audio (clotho, audiocaps, esc50): `lmm.eval.audio_tasks`.
+
 The tasks that use these loaders (prompt templates, generation, metrics) are in `lmm.eval.benchmarks`; the
 names `--tasks` accepts are in `lmm.eval.registry`.
 """

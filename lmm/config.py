@@ -76,9 +76,13 @@ class VisionConfig:
     model_cfg: dict | None = None  # open_clip model config dict, registered under `name`
     layer: int = -1  # which hidden layer's patch tokens to use (-1: final, -2: penultimate ...)
     include_cls: bool = True  # keep the CLS/pooled token among the visual tokens
+    final_norm: bool = False  # open_clip ViT: the tower's final LayerNorm (ln_post) on the tokens (OpenFlamingo's)
     image_size: int | None = None  # override the preprocessing size (default: tower's own)
     mean: list[float] | None = None  # override preprocessing normalisation
     std: list[float] | None = None
+    # hf towers: "shortest" (shortest side, centre crop: CLIP) or "squash" (both sides: SigLIP, IDEFICS); None: the
+    # tower's usual one
+    resize_mode: Literal["shortest", "squash"] | None = None
 
 
 @dataclass
@@ -103,6 +107,9 @@ class LanguageConfig:
     # attention); or "sdpa", "eager", "flash_attention_2", "flex_attention"
     attn_implementation: str = "auto"
     load_in_4bit: bool = False  # QLoRA: bitsandbytes nf4 (CUDA only)
+    # tokens whose logits are -inf: lmm's <|endofchunk|> in a converted model (IDEFICS, LLaVA) whose vocabulary never
+    # had it, so its outputs stay the original's (clear it to fine-tune on interleaved data that ends chunks)
+    suppress_tokens: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +122,9 @@ class PerceiverConfig:
     max_media: int = 32  # media-time embeddings (position of the image in the sequence)
     max_frames: int = 8  # frame embeddings for video
     qk_norm: bool = False  # QK-normalised attention (Unified-IO 2)
+    cosine_attn: bool = False  # scaled cosine attention: unit q and k times a learned scale <= 100 (Swin-v2)
+    rope_2d: bool = False  # 2-D rotary positions on the image patch keys (square grid; a CLS token unrotated)
+    ff_act: Literal["gelu", "relu"] = "gelu"  # the layers' MLP activation: relu = IDEFICS's perceiver
 
 
 @dataclass
@@ -127,6 +137,15 @@ class CrossAttnConfig:
     ff_mult: int = 4
     only_previous_image: bool = True  # Flamingo: attend to the immediately preceding image only
     qk_norm: bool = False
+    cosine_attn: bool = False  # scaled cosine attention (Unified-IO 2, Swin-v2): logits bounded by a learned scale
+    dense_without_media: bool = False  # text-only inputs still run each block's gated dense FFN (OpenFlamingo)
+    # IDEFICS's block: norm=rms (RMSNorm pre-norms and q/k norms, eps norm_eps), ff_act=swiglu (a Llama MLP of width
+    # ff_hidden), vector_gates (one tanh gate per channel); the defaults are Flamingo's
+    norm: Literal["layer", "rms"] = "layer"
+    norm_eps: float = 1e-5
+    ff_act: Literal["gelu", "relu", "swiglu"] = "gelu"
+    ff_hidden: int | None = None  # MLP width (default hidden_size * ff_mult)
+    vector_gates: bool = False
 
 
 @dataclass
@@ -136,7 +155,23 @@ class QFormerConfig:
     hidden: int = 256
     heads: int = 8
     ff_mult: int = 4
-    cross_every: int = 1  # cross-attention to visual tokens in every Nth Q-Former layer
+    cross_every: int = 1  # cross-attention to visual tokens in every Nth Q-Former layer (BLIP-2: 2)
+    # "simple": learned queries only (no text inside); "blip2": BLIP-2's BERT Q-Former, queries and text sharing
+    # its self-attention layers, pre-trained with ITC/ITM/ITG (lmm.training.qformer_pretrain) before stage 2
+    variant: Literal["simple", "blip2"] = "simple"
+    bert_path: str | None = None  # blip2: a local BERT folder (bert-base-uncased layout): its size, weights, vocab
+    max_text_len: int = 64  # blip2: text position embeddings (and stage-1 caption truncation)
+    embed_dim: int = 256  # blip2 stage 1: width of the image-text contrastive (ITC) space
+    init_from: str | None = None  # blip2 stage 2: the stage-1 weights (qformer.safetensors written by stage 1)
+
+
+@dataclass
+class MMCAConfig:
+    """Multimodal causal attention (DeepSpeed-VisualChat): text-to-image attention with its own projections."""
+
+    every: int = 1  # a text-to-image attention block in every Nth decoder layer
+    heads: int = 8
+    head_dim: int = 64
 
 
 @dataclass
@@ -147,17 +182,21 @@ class ProjectorConfig:
 
 @dataclass
 class BridgeConfig:
-    kind: Literal["flamingo", "qformer", "projector"] = "flamingo"
+    kind: Literal["flamingo", "qformer", "projector", "mmca"] = "flamingo"
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     cross_attn: CrossAttnConfig = field(default_factory=CrossAttnConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)  # also mmca's visual tokens
+    mmca: MMCAConfig = field(default_factory=MMCAConfig)
     use_perceiver: bool = True  # flamingo: False = a linear projection of the visual tokens instead
     # flamingo: > 0 adds an image-text contrastive head of this width (train it with contrastive_weight > 0;
     # LMM.similarity scores images against texts with it)
     contrastive_dim: int = 0
     # its text side: hidden states entering this decoder layer in a text-only pass (default: the middle layer)
     contrastive_text_layer: int | None = None
+    # an image-text matching head on the fused last token, any bridge (train it with itm_weight > 0; LMM.match
+    # scores image-text pairs with it, e.g. to re-rank contrastive retrieval)
+    itm: bool = False
 
 
 @dataclass
@@ -182,6 +221,7 @@ class LMMConfig(YamlConfig):
     dtype: str = "auto"  # frozen weights: auto = bf16 on CUDA, fp32 on CPU
     name: str = "lmm"
     system_prompt: str | None = None  # chat: used when a conversation brings no system message
+    video_frames: int = 8  # frames sampled uniformly per video at inference (training writes its data.num_frames)
 
 
 # --------------------------------------------------------------------------- generic loading

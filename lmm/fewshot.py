@@ -8,6 +8,8 @@
 
 Each demonstration is the template filled with its text (its image where the template writes `<image>`); the
 query is the template's part before `{text}` followed by the query text, left open for the model to continue.
+A demo's or the query's media may be a video or an audio clip too (`lmm.inputs.Video(path)` / `Audio(path)`):
+its marker becomes `<video>` / `<audio>`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from lmm.inputs import VIDEO_MARKER, Audio, Video
 from lmm.tokens import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 
 DEFAULT_TEMPLATE = IMAGE_TOKEN + "{text}" + END_OF_CHUNK_TOKEN
@@ -43,6 +46,8 @@ def _with_image(piece: str, image, images: list) -> str:
             f"add {IMAGE_TOKEN} to the template or pass image=None"
         )
     images.append(image)
+    if isinstance(image, (Video, Audio)):  # the same slot, the clip's own marker
+        return piece.replace(IMAGE_TOKEN, VIDEO_MARKER if isinstance(image, Video) else "<audio>")
     return piece
 
 

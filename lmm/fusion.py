@@ -8,12 +8,48 @@ decoder class is edited or patched. New token rows live in a small trainable `Ex
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 MEDIA_KWARG = "lmm_media"
+# Decoders whose model forward does not hand **kwargs to its layers (MPT) see the media through this variable,
+# set for the duration of one LM call by `media_scope` (never an attribute of a layer).
+_SCOPED_MEDIA: ContextVar = ContextVar("lmm_scoped_media", default=None)
+
+
+def kwargs_reach_layers(lm: nn.Module) -> bool:
+    """Whether the LM's forward hands extra keyword arguments on to its decoder layers (transformers 5 decoders
+    do; MPT's does not). Probed with one token, stopped at the first layer."""
+    layers, box = find_layer_list(lm), {}
+
+    def hook(module, args, kwargs):
+        box["seen"] = MEDIA_KWARG in kwargs
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    dev = lm.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            lm.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), **{MEDIA_KWARG: None})
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return box.get("seen", False)
+
+
+@contextlib.contextmanager
+def media_scope(ctx):
+    """Make `ctx` (a MediaContext) visible to the fused layers during one LM call."""
+    token = _SCOPED_MEDIA.set(ctx)
+    try:
+        yield
+    finally:
+        _SCOPED_MEDIA.reset(token)
 
 
 @dataclass
@@ -35,6 +71,8 @@ class FusedLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         ctx: MediaContext | None = kwargs.get(MEDIA_KWARG)
+        if ctx is None and not torch.compiler.is_compiling():  # (the scope is never set while compiling)
+            ctx = _SCOPED_MEDIA.get()
         if ctx is not None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             p = next(self.block.parameters())
@@ -68,15 +106,16 @@ def find_layer_list(lm: nn.Module) -> nn.ModuleList:
     return min(candidates, key=lambda c: c[0].count("."))[1]
 
 
-def fuse_layers(lm: nn.Module, blocks: dict[int, nn.Module]) -> nn.ModuleDict:
-    """Put `blocks[i]` in front of decoder layer i (in place); return the blocks as a ModuleDict."""
+def fuse_layers(lm: nn.Module, blocks: dict[int, nn.Module], wrapper: type = FusedLayer) -> nn.ModuleDict:
+    """Put `blocks[i]` in front of decoder layer i (in place, as `wrapper(block, layer)`: FusedLayer or a
+    subclass); return the blocks as a ModuleDict."""
     layers = find_layer_list(lm)
     for i, block in blocks.items():
         if not 0 <= i < len(layers):
             raise ValueError(f"cross-attention layer index {i} is outside the decoder's {len(layers)} layers")
         if isinstance(layers[i], FusedLayer):
             raise ValueError(f"decoder layer {i} already has a bridge block")
-        layers[i] = FusedLayer(block, layers[i])
+        layers[i] = wrapper(block, layers[i])
     return nn.ModuleDict({str(i): b for i, b in blocks.items()})
 
 
@@ -93,7 +132,10 @@ def checkpoint_modules(modules) -> int:
             continue
         inner = module.forward
 
-        def forward(*args, _inner=inner, **kwargs):
+        def forward(*args, _inner=inner, _fused=isinstance(module, FusedLayer), **kwargs):
+            scoped = _fused and MEDIA_KWARG not in kwargs and not torch.compiler.is_compiling()
+            if scoped and _SCOPED_MEDIA.get() is not None:
+                kwargs[MEDIA_KWARG] = _SCOPED_MEDIA.get()  # the recomputation in backward runs outside the scope
             if torch.is_grad_enabled():
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)
@@ -161,6 +203,10 @@ class ExtendedHead(nn.Module):
         w = base.weight.detach().float()
         init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.std() * 0.02)
+        # ids whose logits are -inf (`language.suppress_tokens`): set by the model after construction
+        self.register_buffer(
+            "suppressed", torch.zeros(0, dtype=torch.long, device=base.weight.device), persistent=False
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)
@@ -173,6 +219,8 @@ class ExtendedHead(nn.Module):
             logits = logits * self.scale
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.suppressed.numel():
+            logits = logits.index_fill(-1, self.suppressed, float("-inf"))
         return logits
 
 

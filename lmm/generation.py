@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 
-from lmm.tokens import IMAGE_TOKEN
+from lmm.decode_cache import check_cache_kind, new_cache
+from lmm.inputs import encode_batch_media, load_images, prepare_inputs  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GenerationConfig:
     stop_at_end_of_chunk: bool = True
     seed: int | None = None
     use_cache: bool = True
+    cache: str = "dynamic"  # or "static": transformers' StaticCache, preallocated and written in place
 
 
 def _split_kwargs(kwargs: dict) -> tuple[GenerationConfig, dict]:
@@ -35,59 +36,6 @@ def _split_kwargs(kwargs: dict) -> tuple[GenerationConfig, dict]:
     cfg = GenerationConfig(**{k: v for k, v in kwargs.items() if k in names})
     rest = {k: v for k, v in kwargs.items() if k not in names}
     return cfg, rest
-
-
-def load_images(images) -> list:
-    """PIL images from PIL images or file paths; a missing or undecodable file is a clear ValueError."""
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
-    for im in images or []:
-        if isinstance(im, (str, Path)):
-            p = Path(im)
-            if not p.is_file():
-                raise ValueError(f"image not found: {p}")
-            try:
-                with Image.open(p) as f:
-                    f.load()
-                    im = f.convert("RGB")
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"cannot decode image {p}: {e}") from e
-        elif not isinstance(im, Image.Image):
-            raise ValueError(f"expected a PIL image or a path, got {type(im).__name__}")
-        out.append(im)
-    return out
-
-
-def prepare_inputs(
-    model, prompts: Sequence[str], images: Sequence[Sequence] | None, add_special_tokens: bool = True
-) -> dict:
-    """Tokenise prompts (left padding) and preprocess their images into (B, M, 1, C, H, W)."""
-    images = images if images is not None else [[] for _ in prompts]
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    tok = model.tokenizer(
-        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
-    )
-    loaded = [load_images(ims) for ims in images]
-    for i, (p, ims) in enumerate(zip(prompts, loaded)):
-        n = p.count(IMAGE_TOKEN)
-        if n != len(ims):
-            raise ValueError(
-                f"prompt {i} has {n} {IMAGE_TOKEN} marker(s) but {len(ims)} image(s) were given; "
-                f"put one {IMAGE_TOKEN} where each image belongs"
-            )
-    batch = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
-    M = max((len(ims) for ims in loaded), default=0)
-    if M:
-        tensors = [[model.image_processor(im) for im in ims] for ims in loaded]
-        C, H, W = next(t for ts in tensors for t in ts).shape
-        pix = torch.zeros(len(prompts), M, 1, C, H, W)
-        for b, ts in enumerate(tensors):
-            for m, t in enumerate(ts):
-                pix[b, m, 0] = t
-        batch["pixel_values"] = pix
-    return batch
 
 
 def _stop_ids(model, cfg: GenerationConfig) -> torch.Tensor:
@@ -138,10 +86,12 @@ def decode_steps(
     frame_mask=None,
     cfg: GenerationConfig | None = None,
     check_every: int = STOP_CHECK_EVERY,
+    media: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the next token of every row (B,) per step, on the device (pad once a
     row stopped). The loop itself never waits for the device except every `check_every` steps; a consumer
-    that reads each token (streaming) syncs by reading it."""
+    that reads each token (streaming) syncs by reading it. `media`: resampled media of any modalities
+    (`encode_batch_media`), instead of image `pixel_values`."""
     cfg = cfg or GenerationConfig()
     dev = model.device
     # Without padding the LM needs no mask, and HF's mask builder then has no device value to inspect: each step
@@ -153,43 +103,45 @@ def decode_steps(
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(stop[0])
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
     media_count = model.media_token_mask(input_ids).sum(1)
+    check_cache_kind(cfg.cache)
     with _autocast(model):
-        media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
+        if media is None and pixel_values is not None:
+            media = model.encode_media(pixel_values.to(dev), frame_mask)
         media_kv = {} if cfg.use_cache else None  # media keys/values projected once, reused by every step
+        cache = new_cache(model, cfg.cache, input_ids, media, cfg.max_new_tokens) if cfg.use_cache else None
         out = model(
             input_ids,
             None if unpadded else attention_mask,
             media=media,
+            past_key_values=cache,
             use_cache=cfg.use_cache,
             media_kv=media_kv,
             logits_to_keep=1,
         )
-        mask, raw_mask, seq = out.attention_mask, attention_mask, input_ids
-        unpadded = unpadded and mask.shape == attention_mask.shape  # spliced prompts may pad: keep their mask
+        T0 = out.attention_mask.shape[1]  # the LM's prompt positions (spliced media included)
+        unpadded = unpadded and T0 == attention_mask.shape[1]  # spliced prompts may pad: keep their mask
+        # Step k's mask and positions are slices of buffers made once (no per-step concatenation or allocation).
+        mask = torch.cat([out.attention_mask, out.attention_mask.new_ones(B, cfg.max_new_tokens)], 1)
+        positions = torch.arange(T0, T0 + cfg.max_new_tokens, device=dev).expand(B, -1)
+        raw_mask, seq = attention_mask, input_ids  # the recomputing path's inputs
+        pad_row = torch.full_like(media_count, pad)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(cfg.max_new_tokens):
             logits = out.logits[:, -1].float()
             logits[:, model.media_ids] = float("-inf")  # media markers are inputs, never generated
-            nxt = torch.where(finished, torch.full_like(media_count, pad), _select(logits, cfg, gen))
+            nxt = torch.where(finished, pad_row, _select(logits, cfg, gen))
             yield nxt
             finished |= torch.isin(nxt, stop)
             if (step + 1) % check_every == 0 and bool(finished.all()):
                 return
             if step + 1 == cfg.max_new_tokens:
                 return
-            ones = mask.new_ones(B, 1)
-            mask, raw_mask, seq = (
-                torch.cat([mask, ones], 1),
-                torch.cat([raw_mask, ones], 1),
-                torch.cat([seq, nxt[:, None]], 1),
-            )
             if cfg.use_cache:  # the prefill checked the `<image>` counts: steps skip that host sync
-                pos = torch.full((B, 1), mask.shape[1] - 1, device=dev) if unpadded else None
                 out = model(
                     nxt[:, None],
-                    None if unpadded else mask,
+                    None if unpadded else mask[:, : T0 + step + 1],
                     media=media,
-                    position_ids=pos,
+                    position_ids=positions[:, step : step + 1] if unpadded else None,
                     past_key_values=out.past_key_values,
                     use_cache=True,
                     media_offset=media_count,
@@ -198,6 +150,7 @@ def decode_steps(
                     validate=False,
                 )
             else:  # recompute everything (reference path for tests)
+                seq, raw_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([raw_mask, raw_mask.new_ones(B, 1)], 1)
                 out = model(seq, raw_mask, media=media, logits_to_keep=1)
 
 
@@ -209,6 +162,7 @@ def beam_search(
     pixel_values=None,
     frame_mask=None,
     cfg: GenerationConfig | None = None,
+    media: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Beam search with length penalty; returns the best continuation (token ids, stop token excluded) per row."""
     cfg = cfg or GenerationConfig(num_beams=4)
@@ -219,11 +173,19 @@ def beam_search(
     rep = lambda t: t.repeat_interleave(nb, dim=0)  # noqa: E731
     media_count = rep(model.media_token_mask(input_ids).sum(1))
     with _autocast(model):
-        media = model.encode_media(pixel_values.to(dev), frame_mask) if pixel_values is not None else None
+        if media is None and pixel_values is not None:
+            media = model.encode_media(pixel_values.to(dev), frame_mask)
         media = rep(media) if media is not None else None
         media_kv: dict = {}  # every beam of a row has that row's media: reordering beams leaves these valid
+        cache = new_cache(model, cfg.cache, input_ids, media, cfg.max_new_tokens)
         out = model(
-            rep(input_ids), rep(attention_mask), media=media, use_cache=True, media_kv=media_kv, logits_to_keep=1
+            rep(input_ids),
+            rep(attention_mask),
+            media=media,
+            past_key_values=cache,
+            use_cache=True,
+            media_kv=media_kv,
+            logits_to_keep=1,
         )
         mask = out.attention_mask
         scores = torch.full((B, nb), float("-inf"), device=dev)
@@ -298,18 +260,17 @@ def generate_ids(model, batch: dict, cfg: GenerationConfig) -> list[list[int]]:
     if cfg.num_beams > 1:
         if cfg.do_sample:
             raise ValueError("beam search with sampling is not supported; set do_sample=False or num_beams=1")
-        return beam_search(
-            model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("frame_mask"), cfg
-        )
+        with _autocast(model):
+            media = encode_batch_media(model, batch)
+        return beam_search(model, batch["input_ids"], batch["attention_mask"], cfg=cfg, media=media)
     stop = set(_stop_ids(model, cfg).tolist())
     B = batch["input_ids"].shape[0]
     rows: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    steps = list(
-        decode_steps(
-            model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("frame_mask"), cfg
-        )
-    )  # read back once, after the loop
+    with _autocast(model):
+        media = encode_batch_media(model, batch)
+    steps = list(decode_steps(model, batch["input_ids"], batch["attention_mask"], cfg=cfg, media=media))
+    # read back once, after the loop
     for nxt in torch.stack(steps, 0).cpu().tolist() if steps else []:
         for b, t in enumerate(nxt):
             if not finished[b]:
@@ -330,32 +291,39 @@ def _check_length(model, batch: dict, cfg: GenerationConfig) -> None:
         )
 
 
-def generate_text(model, prompts, images=None, add_special_tokens: bool = True, **kwargs):
+def generate_text(model, prompts, images=None, add_special_tokens: bool = True, videos=None, audios=None, **kwargs):
     single = isinstance(prompts, str)
     if single:
         prompts, images = [prompts], [images or []]
+        videos, audios = ([videos] if videos else None), ([audios] if audios else None)
     cfg, rest = _split_kwargs(kwargs)
     if rest:
         raise TypeError(f"unknown generation arguments: {sorted(rest)}")
-    batch = prepare_inputs(model, prompts, images, add_special_tokens)
+    batch = prepare_inputs(model, prompts, images, add_special_tokens, videos, audios)
     _check_length(model, batch, cfg)
     rows = generate_ids(model, batch, cfg)
     texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     return texts[0] if single else texts
 
 
-def stream_text(model, prompt: str, images=None, add_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+def stream_text(
+    model, prompt: str, images=None, add_special_tokens: bool = True, videos=None, audios=None, **kwargs
+) -> Iterator[str]:
     cfg, rest = _split_kwargs(kwargs)
     if rest:
         raise TypeError(f"unknown generation arguments: {sorted(rest)}")
     if cfg.num_beams > 1:
         raise ValueError("streaming needs num_beams=1")
-    batch = prepare_inputs(model, [prompt], [images or []], add_special_tokens)
+    batch = prepare_inputs(
+        model, [prompt], [images or []], add_special_tokens, [videos] if videos else None, [audios] if audios else None
+    )
     _check_length(model, batch, cfg)
     stop = set(_stop_ids(model, cfg).tolist())
     ids: list[int] = []
     sent = ""
-    for nxt in decode_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), None, cfg):
+    with _autocast(model):
+        media = encode_batch_media(model, batch)
+    for nxt in decode_steps(model, batch["input_ids"], batch["attention_mask"], cfg=cfg, media=media):
         t = int(nxt[0])
         if t in stop:
             break
@@ -379,6 +347,8 @@ def score_candidates(
     candidates: Sequence[str],
     batch_size: int = 16,
     add_special_tokens: bool = True,
+    videos=None,
+    audios=None,
 ) -> torch.Tensor:
     """Summed log p(candidate | prompt, images) for every (prompt, candidate): (len(prompts), len(candidates)).
 
@@ -396,24 +366,44 @@ def score_candidates(
     longer = [j for j, c in enumerate(cand_ids) if len(c) > 1]
     scores = torch.zeros(len(prompts), len(candidates))
     for s in range(0, len(prompts), batch_size):
-        enc = prepare_inputs(model, prompts[s : s + batch_size], images[s : s + batch_size], add_special_tokens)
+        window = slice(s, s + batch_size)
+        enc = prepare_inputs(
+            model,
+            prompts[window],
+            images[window],
+            add_special_tokens,
+            videos[window] if videos is not None else None,
+            audios[window] if audios is not None else None,
+        )
         ids = enc["input_ids"].to(dev)
         P = ids.shape[0]
         with _autocast(model):
-            media = model.encode_media(enc["pixel_values"].to(dev)) if "pixel_values" in enc else None
-            out = model(ids, enc["attention_mask"], media=media, use_cache=bool(longer), logits_to_keep=1)
+            media = encode_batch_media(model, enc)
+            media_kv: dict = {}  # what a bridge keeps of the prompt's media (keys/values), reused per candidate
+            out = model(
+                ids, enc["attention_mask"], media=media, use_cache=bool(longer), media_kv=media_kv, logits_to_keep=1
+            )
             total = out.logits[:, -1].float().log_softmax(-1)[:, first]  # (P, C): log p(first token)
             media_count = model.media_token_mask(ids).sum(1)
             group = max(1, batch_size // P)
             for g in range(0, len(longer), group):
                 total[:, longer[g : g + group]] += _continuation_logp(
-                    model, out, media, media_count, [cand_ids[j] for j in longer[g : g + group]]
+                    model, out, media, media_count, [cand_ids[j] for j in longer[g : g + group]], media_kv
                 )
         scores[s : s + P] = total.cpu()
     return scores
 
 
-def _continuation_logp(model, prompt_out, media, media_count: torch.Tensor, cands: list[list[int]]) -> torch.Tensor:
+def _take_rows(value, rows: torch.Tensor):
+    """A media_kv entry (a tensor or a tuple of tensors, batch first) for the given batch rows."""
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    return type(value)(_take_rows(v, rows) for v in value)
+
+
+def _continuation_logp(
+    model, prompt_out, media, media_count: torch.Tensor, cands: list[list[int]], media_kv: dict | None = None
+) -> torch.Tensor:
     """log p(tokens 2.. of each candidate | prompt, token 1..) for P prompts x K candidates: (P, K)."""
     P, K, dev = media_count.shape[0], len(cands), model.device
     L = max(len(c) for c in cands)
@@ -434,6 +424,7 @@ def _continuation_logp(model, prompt_out, media, media_count: torch.Tensor, cand
         past_key_values=cache,
         use_cache=True,
         media_offset=media_count[rows],
+        media_kv={k: _take_rows(v, rows) for k, v in media_kv.items()} if media_kv else None,
         labels=lab.repeat(P, 1),
         return_logits=False,
     )

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm.adapters import ContrastiveHead, info_nce
+from lmm.adapters import ContrastiveHead
 from lmm.backbones.language import load_language_model, load_tokenizer
 from lmm.backbones.vision import build_vision_tower
 from lmm.bridges import FusionInputs, build_bridge, positions_from_mask
@@ -43,7 +43,7 @@ from lmm.fusion import (
     find_layer_list,
     head_logit_transform,
 )
-from lmm.losses import next_token_losses
+from lmm.losses import contrastive_loss, itm_candidates, itm_loss, next_token_losses, sample_negatives
 from lmm.tokens import IMAGE_TOKEN, add_media_tokens, add_tokens
 
 CONFIG_FILE = "lmm_config.json"
@@ -62,6 +62,7 @@ class LMMOutput:
     labels: torch.Tensor | None = None  # idem
     token_losses: torch.Tensor | None = None  # (B, T-1) next-token losses, 0 where labels are -100
     contrastive_loss: torch.Tensor | None = None  # image-text InfoNCE over the batch (bridge.contrastive_dim > 0)
+    itm_loss: torch.Tensor | None = None  # image-text matching cross-entropy, hard negatives (bridge.itm)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -125,6 +126,10 @@ class LMM(nn.Module):
         with torch.device(emb.weight.device):
             self.embed = ExtendedEmbedding(emb, new_ids)
             self.head = ExtendedHead(lm.get_output_embeddings(), new_ids, vocab_out, *head_logit_transform(lm.config))
+            if config.language.suppress_tokens:
+                self.head.suppressed = torch.tensor(
+                    add_tokens(tokenizer, list(config.language.suppress_tokens)), device=emb.weight.device
+                )
             self.bridge = build_bridge(config.bridge, lm, vision.dim)
             self.resamplers = nn.ModuleDict({m: self.bridge.resampler(e.dim) for m, e in self.encoders.items()})
             self.bridge.attach(lm)
@@ -136,6 +141,8 @@ class LMM(nn.Module):
                         "keep the vision width); set bridge.contrastive_dim=0 or bridge.kind=flamingo"
                     )
                 self.contrastive = ContrastiveHead(vision.dim, lm.config.hidden_size, config.bridge.contrastive_dim)
+            # image-text matching (FLAVA/BLIP-2 ITM): [not matched, matched] from the fused last token, any bridge
+            self.itm = nn.Linear(lm.config.hidden_size, 2) if config.bridge.itm else None
         self.register_buffer(
             "media_ids", torch.tensor(list(self.media_token_ids.values()), device=emb.weight.device), persistent=False
         )
@@ -230,6 +237,8 @@ class LMM(nn.Module):
         self.head.extra.requires_grad_(True)
         if self.contrastive is not None:
             self.contrastive.requires_grad_(True)
+        if self.itm is not None:
+            self.itm.requires_grad_(True)
         for n, p in self.lm.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
@@ -371,6 +380,8 @@ class LMM(nn.Module):
         media: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         media_inputs: dict[str, torch.Tensor] | None = None,
+        media_frame_mask: dict[str, torch.Tensor] | None = None,
+        media_features: dict[str, torch.Tensor] | None = None,
         past_key_values=None,
         use_cache: bool = False,
         media_offset: torch.Tensor | None = None,
@@ -381,20 +392,30 @@ class LMM(nn.Module):
         prefix_layer: int | None = None,
         contrastive: bool = False,
         validate: bool = True,
+        itm: bool = False,
+        gather_negatives: bool = False,
     ) -> LMMOutput:
         """One LM forward with media. `attention_mask` covers past + current tokens when decoding with a cache;
         None means no padding (then pass `position_ids` when decoding with a cache). `media`: already resampled
         media (B, M, L, D) in text order; `media_offset` (B,) counts media consumed by earlier (cached) tokens.
         `prefix_hidden` (B, T, D): hidden states entering decoder layer `prefix_layer` (from
         `prefix_hidden_states`, right padding only); the layers below are skipped (frozen-prefix caching).
-        `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media).
+        `contrastive`: also return the image-text contrastive loss of the batch (needs labels and media);
+        `gather_negatives`: its negatives are every rank's rows (torch.distributed; each rank returns its share x
+        world size, so the mean over ranks is the global batch's loss). `itm`: also the image-text matching loss
+        (a second forward of hard-negative pairs; needs labels, unpacked rows and a model with bridge.itm).
         `media_kv`: a dict kept by the caller while `media` stays the same (a generation): deep fusion's blocks
         project the media to keys/values once and reuse them.
         `validate=False` skips the media-count check, the forward's only host sync (decode steps after a checked
-        prefill); the deep-fusion forward then runs without waiting for the device."""
+        prefill); the deep-fusion forward then runs without waiting for the device.
+        `media_frame_mask`: {modality: (B, M, F) bool} for padded frames of `media_inputs` (e.g. an audio clip's
+        30 s chunks); `frame_mask` is the images' (video frames). `media_features`: {modality: (B, M, F, N, D)}
+        frozen features in place of `media_inputs` (what `vision_features` is for images; the frozen cache)."""
         input_ids = input_ids.to(self.device)
         if media is None:
-            media = self._encode_inputs(input_ids, pixel_values, vision_features, frame_mask, media_inputs)
+            media = self.encode_inputs(
+                input_ids, pixel_values, vision_features, frame_mask, media_inputs, media_frame_mask, media_features
+            )
         is_media = self.media_token_mask(input_ids)
         if validate and not torch.compiler.is_compiling():
             self.check_media_count(is_media.sum(1), media)
@@ -422,11 +443,18 @@ class LMM(nn.Module):
                     "contrastive=True needs a model with a contrastive head (bridge.contrastive_dim > "
                     "0), labels, and the full forward (not prefix_hidden)"
                 )
-            contrastive_loss = (
-                self._contrastive_loss(media, is_media.sum(1), input_ids, x.attention_mask, x.labels)
-                if media is not None
-                else torch.zeros((), device=self.device)
-            )
+            pair_embeds = self._contrastive_embeddings(media, is_media.sum(1), input_ids, x.attention_mask, x.labels)
+            contrastive_loss = self._contrastive_loss(*pair_embeds, gather_negatives)
+        matching_loss = None
+        if itm:
+            if self.itm is None or labels is None or prefix_hidden is not None or segment_ids is not None:
+                raise ValueError(
+                    "itm=True needs a model with a matching head (bridge.itm=true), labels, unpacked rows (no "
+                    "segment_ids) and the full forward (not prefix_hidden)"
+                )
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+            pairs = (media, is_media.sum(1), input_ids, mask, labels.to(self.device))
+            matching_loss = self._itm_loss(h, x.attention_mask, *pairs, pair_embeds if contrastive else None)
         return LMMOutput(
             loss=loss,
             logits=logits,
@@ -435,17 +463,33 @@ class LMM(nn.Module):
             labels=x.labels,
             token_losses=token_losses,
             contrastive_loss=contrastive_loss,
+            itm_loss=matching_loss,
         )
 
-    def _encode_inputs(self, input_ids, pixel_values, vision_features, frame_mask, media_inputs):
-        """Resampled media of every modality given, gathered in text order (None if none is given)."""
+    def encode_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        media_inputs: dict[str, torch.Tensor] | None = None,
+        media_frame_mask: dict[str, torch.Tensor] | None = None,
+        media_features: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """Resampled media (B, M, L, D) of every modality given, gathered in text order (None if none is given):
+        what `forward` computes from raw media, for callers that encode once and reuse it (generation)."""
         encoded = {}
         if pixel_values is not None or vision_features is not None:
             encoded["image"] = self.encode_media(pixel_values, frame_mask, vision_features)
+        masks = media_frame_mask or {}
         for modality, items in (media_inputs or {}).items():
             if modality not in self.encoders:
                 raise ConfigError(f"media_inputs has {modality!r}, but this model encodes {', '.join(self.encoders)}")
-            encoded[modality] = self.encode_media(items, modality=modality)
+            encoded[modality] = self.encode_media(items, masks.get(modality), modality=modality)
+        for modality, feats in (media_features or {}).items():  # precomputed frozen features (B, M, F, N, D)
+            if modality not in self.encoders or modality in encoded:
+                raise ConfigError(f"media_features has {modality!r}: not an encoder of this model, or given twice")
+            encoded[modality] = self.encode_media(None, masks.get(modality), modality=modality, features=feats)
         return self.gather_media(input_ids, encoded) if encoded else None
 
     def check_media_count(self, n_media: torch.Tensor, media: torch.Tensor | None) -> None:
@@ -458,25 +502,83 @@ class LMM(nn.Module):
                 f"a row has {int(n_media.max())} media tokens ({IMAGE_TOKEN} ...) but only {media.shape[1]} media items"
             )
 
-    def _contrastive_loss(
-        self,
-        media: torch.Tensor,
-        n_img: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> torch.Tensor:
-        """InfoNCE between each row's media and its labelled text; the batch's other rows are the negatives.
-        Rows without media or without labelled tokens take no part; fewer than two rows give 0."""
-        valid = torch.arange(media.shape[1], device=media.device) < n_img.to(media.device)[:, None]  # (B, M)
-        positions = labels != -100  # (B, T)
-        rows = valid.any(1) & positions.any(1)
-        if int(rows.sum()) < 2:
-            return torch.zeros((), device=media.device)
+    def _pair_rows(self, media: torch.Tensor | None, n_media: torch.Tensor, labels: torch.Tensor):
+        """(rows, valid): the rows with media and labelled text (B,), and the real media slots (B, M)."""
+        if media is None:
+            return torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device), None
+        valid = torch.arange(media.shape[1], device=media.device) < n_media.to(media.device)[:, None]
+        return valid.any(1) & (labels != -100).any(1).to(media.device), valid
+
+    def _contrastive_embeddings(self, media, n_media, input_ids, attention_mask, labels):
+        """(image, text) unit vectors (n, dim) of the n rows with media and labelled text: the media pooled, the
+        labelled text's states from a text-only pass (the image never reaches its text)."""
+        rows, valid = self._pair_rows(media, n_media, labels)
+        head = self.contrastive
+        if not bool(rows.any()):
+            empty = head.media_proj.weight.new_zeros(0, head.media_proj.out_features)
+            return empty, empty
         text = self.contrastive_text_states(input_ids[rows], attention_mask[rows])
-        img = self.contrastive.embed_media(media[rows], valid[rows])
-        txt = self.contrastive.embed_text(text, positions[rows].to(text.device))
-        return info_nce(img, txt, self.contrastive.scale())
+        img = head.embed_media(media[rows], valid[rows])
+        txt = head.embed_text(text, (labels != -100)[rows].to(text.device))
+        return img, txt
+
+    def _contrastive_loss(self, img: torch.Tensor, txt: torch.Tensor, gather: bool = False) -> torch.Tensor:
+        """InfoNCE between each row's media and its labelled text; the other rows (of every rank with `gather`)
+        are the negatives. Rows without media or without labelled tokens take no part; fewer than two give 0."""
+        if not gather and img.shape[0] < 2:
+            return torch.zeros((), device=img.device)
+        return contrastive_loss(img, txt, self.contrastive.scale(), gather)
+
+    def _itm_loss(self, h, fused_mask, media, n_media, input_ids, attention_mask, labels, pair_embeds=None):
+        """Image-text matching over the rows with media and labelled text (BLIP-2/FLAVA ITM): each positive pair
+        (the forward's own fused state `h` at its last token), a negative text per image and a negative image per
+        text, drawn from the softmax of the contrastive similarities (uniformly without a contrastive head),
+        among rows with as many media and another text and media. Fewer than two rows give 0."""
+        rows, _ = self._pair_rows(media, n_media, labels)
+        idx = rows.nonzero().squeeze(1)
+        n = idx.numel()
+        if n < 2:
+            return torch.zeros((), device=h.device)
+        ids, mask, med = input_ids[idx], attention_mask[idx], media[idx]
+        with torch.no_grad():  # a pair with the same text or the same media is no negative
+            flat = med.flatten(1).float()
+            same = (ids[:, None] == ids[None]).all(-1) | (torch.cdist(flat, flat) == 0)
+        allowed = itm_candidates(n_media.to(idx.device)[idx], same)
+        sim = None
+        if self.contrastive is not None:
+            with torch.no_grad():
+                if pair_embeds is None:
+                    pair_embeds = self._contrastive_embeddings(media, n_media, input_ids, attention_mask, labels)
+                img, txt = pair_embeds
+                sim = self.contrastive.scale() * img @ txt.t()
+        neg_text, neg_image = sample_negatives(sim, allowed)
+        pos = self.itm(h[idx, last_token(fused_mask)[idx]].to(self.itm.weight.dtype))
+        a, b = neg_image >= 0, neg_text >= 0  # texts that got a negative image, images that got a negative text
+        neg = pos[:0]  # every row a duplicate of the others: positives only
+        if bool(a.any() | b.any()):
+            neg = self.matching_logits(
+                torch.cat([ids[a], ids[neg_text[b]]]),
+                torch.cat([mask[a], mask[neg_text[b]]]),
+                torch.cat([med[neg_image[a]], med[b]]),
+            )
+        matched = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(neg.shape[0], dtype=torch.bool)])
+        return itm_loss(torch.cat([pos, neg]), matched.to(pos.device))
+
+    def matching_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor):
+        """ITM logits (N, 2) [not matched, matched] of each row's text with its media (N, M, L, D), read from the
+        bridge's fused output at the row's last real token (flamingo, projector, Q-Former alike)."""
+        if self.itm is None:
+            raise ValueError("this model has no image-text matching head: build it with bridge.itm=true")
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        x = FusionInputs(
+            embeds=self.embed(input_ids),
+            is_media=self.media_token_mask(input_ids),
+            attention_mask=attention_mask,
+            media=media,
+        )
+        h, _, x = self.bridge(self.lm, x)
+        last = h[torch.arange(h.shape[0], device=h.device), last_token(x.attention_mask)]
+        return self.itm(last.to(self.itm.weight.dtype))
 
     def contrastive_text_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -543,7 +645,8 @@ class LMM(nn.Module):
     def generate(self, prompts: str | Sequence[str], images=None, **kwargs) -> str | list[str]:
         """Generate continuations; one prompt -> str, a list -> list (batched with left padding).
 
-        images: for one prompt a list of PIL images (or paths); for a list of prompts a list of such lists."""
+        images: for one prompt a list of PIL images (or paths); for a list of prompts a list of such lists.
+        `videos=` / `audios=` likewise, at `<video>` / `<audio>` markers (lmm.inputs says what items may be)."""
         from lmm.generation import generate_text
 
         return generate_text(self, prompts, images, **kwargs)
@@ -572,17 +675,26 @@ class LMM(nn.Module):
 
         return render_messages(self.tokenizer, messages, system_prompt=self.config.system_prompt)
 
-    def score(self, prompts: Sequence[str], images, candidates: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[str], images, candidates: Sequence[str], batch_size: int = 16, videos=None, audios=None
+    ) -> torch.Tensor:
         """Summed log-likelihood of each candidate continuation after each prompt: (len(prompts), len(candidates))."""
         from lmm.generation import score_candidates
 
-        return score_candidates(self, prompts, images, candidates, batch_size=batch_size)
+        return score_candidates(self, prompts, images, candidates, batch_size=batch_size, videos=videos, audios=audios)
 
     def similarity(self, images, texts: Sequence[str]) -> torch.Tensor:
         """Image-text cosine similarities (len(images), len(texts)) from the contrastive head (see lmm.retrieval)."""
         from lmm.retrieval import similarity
 
         return similarity(self, images, texts)
+
+    def match(self, images, texts, batch_size: int = 16) -> torch.Tensor:
+        """Image-text matching probabilities from the ITM head (bridge.itm): one text per image -> (N,), a list of
+        K candidates per image -> (N, K), e.g. to re-rank retrieval's top K (see lmm.matching)."""
+        from lmm.matching import match
+
+        return match(self, images, texts, batch_size=batch_size)
 
     def pixel_values(self, images) -> torch.Tensor:
         """(N, C, H, W) normalised pixels on the CPU for PIL images or image paths (one image per item)."""
@@ -596,6 +708,11 @@ class LMM(nn.Module):
         pix = self.pixel_values(images)
         feats = self.vision(pix.to(self.device)).float().mean(1)
         return F.normalize(feats, dim=-1).cpu()
+
+
+def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last real token (left or right padding)."""
+    return attention_mask.long().cumsum(1).argmax(1)
 
 
 def copy_exact(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:

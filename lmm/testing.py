@@ -153,6 +153,14 @@ def tiny_vision_config(kind: str = "open_clip"):
     )
 
 
+def tiny_audio_config(pool: int = 4, max_chunks: int = 8):
+    """An EncoderConfig of a tiny random Whisper encoder (80 mel bins, 30 s windows -> 1500 / pool tokens of 16)."""
+    from lmm.config import EncoderConfig
+
+    hf = {"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80}
+    return EncoderConfig(kind="whisper", options={"hf_config": hf, "pool": pool, "max_chunks": max_chunks})
+
+
 def tiny_lmm_config(
     family: str = "llama",
     bridge: str = "flamingo",
@@ -210,6 +218,33 @@ def tiny_lmm(
                 blk.attn_gate.fill_(gates)
                 blk.ff_gate.fill_(gates)
     return model
+
+
+def sine_wave(freq: float, seconds: float = 1.0, rate: int = 16000, amplitude: float = 0.3):
+    """A pure tone as float32 samples (n,): a clip with a known spectrum for audio tests."""
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def tiny_media_lmm(seed: int = 5, gates: float = 1.0, video_frames: int = 4, pool: int = 50, max_chunks: int = 2):
+    """A tiny flamingo LMM with a tiny random Whisper audio encoder (1500 / pool tokens per 30 s chunk) beside the
+    image tower, every tanh gate at `gates`, `video_frames` frames per video: for video/audio inference tests."""
+    import torch
+
+    from lmm.model import LMM
+
+    torch.manual_seed(seed)
+    cfg = tiny_lmm_config()
+    cfg.encoders = {"audio": tiny_audio_config(pool=pool, max_chunks=max_chunks)}
+    cfg.video_frames = video_frames
+    model = LMM.from_config(cfg, tokenizer=tiny_tokenizer(), device="cpu")
+    with torch.no_grad():
+        for blk in model.xattn_blocks():
+            blk.attn_gate.fill_(gates)
+            blk.ff_gate.fill_(gates)
+    return model.eval()
 
 
 def saved_tiny_chat_model(folder, image_name: str = "image.png"):

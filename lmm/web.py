@@ -1,4 +1,5 @@
-"""A gradio chat page: upload images (paper clip or drag and drop), ask, read the answer as it streams.
+"""A gradio chat page: upload images, videos or audio clips (paper clip or drag and drop), ask, read the answer
+as it streams.
 
     from lmm.web import build_app
     build_app(model).launch(server_name="127.0.0.1", server_port=7860)
@@ -6,7 +7,8 @@
 Needs the `web` extra (gradio); gradio is imported only when a page is built. The page has no authentication:
 serve it on the loopback interface (the default) unless everyone who can reach the port may use the model.
 Uploads are decoded once and downscaled to the model's input size on upload (a session keeps that, never the
-full-size file); an upload with more than `max_image_pixels` pixels (read from its header) is refused.
+full-size file); an upload with more than `max_image_pixels` pixels (read from its header) is refused. Videos are
+kept as the model's sampled frames and audio as a waveform at the encoder's rate (lmm.inputs.load_media).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 MAX_ASPECT_RATIO = 200.0
 
 INTRO = (
-    "Attach one or more images with the paper clip (or drop them on the box), type a question and press "
-    "Enter. The conversation keeps its images; **Clear** starts over."
+    "Attach images, videos or audio clips with the paper clip (or drop them on the box), type a question and "
+    "press Enter. The conversation keeps its media; **Clear** starts over."
 )
 
 
@@ -96,11 +98,19 @@ def build_app(
         paths = [_path(f) for f in (message or {}).get("files", [])]
         if not text and not paths:
             raise gr.Error("Type a question (and attach images with the paper clip).")
+        from lmm.inputs import load_media, media_kind
+
+        parts = []
         try:
-            images = [load_upload(p, side, max_image_pixels) for p in paths]
+            for p in paths:
+                kind = media_kind(p)
+                item = load_upload(p, side, max_image_pixels) if kind == "image" else load_media(model, p, kind)
+                parts.append({"type": kind, kind: item})
         except ValueError as e:
-            raise gr.Error(f"{e}. Attach a PNG, JPEG, WebP, GIF or BMP image.") from None
-        parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+            raise gr.Error(
+                f"{e}. Attach a PNG, JPEG, WebP, GIF or BMP image, an MP4/WebM video or a WAV/MP3 clip."
+            ) from None
+        parts.append({"type": "text", "text": text})
         shown = [{"path": p} for p in paths] + ([text] if text else [])
         return (
             gr.MultimodalTextbox(value=None, interactive=False),
@@ -141,10 +151,10 @@ def build_app(
         gr.Markdown(f"## {title}\n{INTRO}")
         chatbot = gr.Chatbot(label="Conversation", elem_id="lmm-chat", height=480)
         box = gr.MultimodalTextbox(
-            file_types=["image"],
+            file_types=["image", "video", "audio"],
             file_count="multiple",
             show_label=False,
-            placeholder="Ask about the image…",
+            placeholder="Ask about the image, video or audio…",
             elem_id="lmm-input",
             autofocus=True,
         )

@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
             ["ttft_s", "decode_tokens_per_s_b1", "throughput_tokens_per_s"],
         ),
         ("data.py", ["--workers", "0", "--docs", "16"], ["samples_per_s", "images_per_s"]),
+        ("label.py", ["--samples", "8", "--per-shard", "4", "--batch", "4", "--new-tokens", "4"], ["samples_per_s"]),
     ],
 )
 def test_bench_script_prints_json(script, args, keys):

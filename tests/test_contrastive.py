@@ -139,10 +139,11 @@ def test_configuration_errors_name_the_fix(tmp_path):
         tiny_train_config(tmp_path, contrastive_weight=1.0, data={"packing": True}, preset="lmm-tiny").validate()
     for bad, match in [
         ({"frozen_cache": True}, "frozen_cache"),
-        ({"distributed": "fsdp2"}, "fsdp2"),
         ({"data": {"batch_size": 1}}, "2 rows"),
     ]:
         with pytest.raises(ConfigError, match=match):
             tiny_train_config(tmp_path, contrastive_weight=1.0, preset="lmm-tiny", **bad).validate(world_size=1)
+    # FSDP2 takes the DDP steps (tests/training/test_global_contrastive.py)
+    tiny_train_config(tmp_path, contrastive_weight=1.0, preset="lmm-tiny", distributed="fsdp2").validate_model()
     with pytest.raises(ConfigError, match="bridge.contrastive_dim=256"):
         Trainer(tiny_lmm(), tiny_train_config(tmp_path, contrastive_weight=1.0), ListSource([]))

@@ -74,7 +74,9 @@ class OpenClipVision(VisionTower):
         del model
         # the same pixels as open_clip's PIL transform, faster; its own transform where ours does not match it
         self.preprocess = ImageTransform.from_open_clip(getattr(self.visual, "preprocess_cfg", {}) or {}) or preprocess
-        self.layer, self.include_cls = cfg.layer, cfg.include_cls
+        self.layer, self.include_cls, self.final_norm = cfg.layer, cfg.include_cls, cfg.final_norm
+        if cfg.final_norm and not hasattr(self.visual, "ln_post"):
+            raise ConfigError("vision.final_norm needs an open_clip ViT tower (with ln_post); set it false")
         self.is_vit = hasattr(self.visual, "transformer")
         if self.is_vit:
             self.dim = self.visual.transformer.width
@@ -95,7 +97,12 @@ class OpenClipVision(VisionTower):
             return fmap.flatten(2).transpose(1, 2)
         idx = self.layer % self.num_blocks
         out = self.visual.forward_intermediates(
-            x, indices=[idx], intermediates_only=True, output_fmt="NLC", output_extra_tokens=self.include_cls
+            x,
+            indices=[idx],
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=self.include_cls,
+            normalize_intermediates=self.final_norm,
         )
         tokens = out["image_intermediates"][0]
         if tokens.ndim == 4:  # NCHW fallback
@@ -149,7 +156,8 @@ class HFVision(VisionTower):
         siglip = "siglip" in c.model_type
         mean = cfg.mean or ((0.5, 0.5, 0.5) if siglip else CLIP_MEAN)
         std = cfg.std or ((0.5, 0.5, 0.5) if siglip else CLIP_STD)
-        self.preprocess = ImageTransform(size, tuple(mean), tuple(std), "bicubic", "squash" if siglip else "shortest")
+        resize = cfg.resize_mode or ("squash" if siglip else "shortest")
+        self.preprocess = ImageTransform(size, tuple(mean), tuple(std), "bicubic", resize)
         self.requires_grad_(False)
         self.eval()
 

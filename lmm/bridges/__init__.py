@@ -9,9 +9,15 @@ from torch import nn
 from lmm.bridges.common import FusionInputs, positions_from_mask, positions_from_segments
 from lmm.bridges.deep_fusion import DeepFusion
 from lmm.bridges.early_fusion import EarlyFusion
+from lmm.bridges.mmca import MultimodalCausalAttention
 from lmm.config import BridgeConfig, ConfigError
 
-BRIDGES = {"flamingo": DeepFusion, "qformer": EarlyFusion, "projector": EarlyFusion}
+BRIDGES = {
+    "flamingo": DeepFusion,
+    "qformer": EarlyFusion,
+    "projector": EarlyFusion,
+    "mmca": MultimodalCausalAttention,
+}
 
 
 def build_bridge(cfg: BridgeConfig, lm: nn.Module, media_dim: int) -> nn.Module:
@@ -26,6 +32,7 @@ __all__ = [
     "DeepFusion",
     "EarlyFusion",
     "FusionInputs",
+    "MultimodalCausalAttention",
     "build_bridge",
     "positions_from_mask",
     "positions_from_segments",

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lmm.adapters import GatedCrossAttentionBlock, MediaFlatten, PerceiverResampler, media_mask
 from lmm.bridges.common import FusionInputs
 from lmm.config import BridgeConfig
-from lmm.fusion import MEDIA_KWARG, DecoderReplay, MediaContext, cross_attn_layer_indices, find_layer_list, fuse_layers
+from lmm.fusion import (
+    MEDIA_KWARG,
+    DecoderReplay,
+    MediaContext,
+    cross_attn_layer_indices,
+    find_layer_list,
+    fuse_layers,
+    kwargs_reach_layers,
+    media_scope,
+)
 
 
 class DeepFusion(nn.Module):
@@ -17,11 +28,22 @@ class DeepFusion(nn.Module):
     list, so parameter names stay `lm....layers.N.block.*`)."""
 
     supports_contrastive = True  # its media keep the encoder's width: the contrastive head can pool them
+    media_in_sequence = False  # media reach the blocks, never the LM's sequence: T prompt tokens = T positions
 
     def __init__(self, cfg: BridgeConfig, lm: nn.Module, media_dim: int):
         super().__init__()
         self.cfg, self.media_dim = cfg, media_dim
         self.replayer: DecoderReplay | None = None  # built on first use (frozen-prefix replay)
+        self.scoped: bool | None = None  # the LM drops **kwargs before its layers (MPT): probed on first use
+
+    def needs_scope(self, lm: nn.Module) -> bool:
+        """Whether the media must reach the fused layers through `media_scope` (a decoder whose forward does not
+        pass keyword arguments to its layers). Probed once, outside compilation (compiled: the argument path)."""
+        if self.scoped is None:
+            if torch.compiler.is_compiling():
+                return False
+            self.scoped = not kwargs_reach_layers(lm)
+        return self.scoped
 
     def attach(self, lm: nn.Module) -> None:
         """Put a gated cross-attention block in front of each chosen decoder layer (after the resamplers are
@@ -32,7 +54,18 @@ class DeepFusion(nn.Module):
             lm,
             {
                 i: GatedCrossAttentionBlock(
-                    lm.config.hidden_size, self.media_dim, x.heads, x.head_dim, x.ff_mult, x.qk_norm
+                    lm.config.hidden_size,
+                    self.media_dim,
+                    x.heads,
+                    x.head_dim,
+                    x.ff_mult,
+                    x.qk_norm,
+                    x.cosine_attn,
+                    norm=x.norm,
+                    norm_eps=x.norm_eps,
+                    ff_act=x.ff_act,
+                    ff_hidden=x.ff_hidden,
+                    vector_gates=x.vector_gates,
                 )
                 for i in idx
             },
@@ -43,7 +76,18 @@ class DeepFusion(nn.Module):
         p = self.cfg.perceiver
         if self.cfg.use_perceiver:
             r = PerceiverResampler(
-                in_dim, p.num_latents, p.depth, p.heads, p.head_dim, p.ff_mult, p.max_media, p.max_frames, p.qk_norm
+                in_dim,
+                p.num_latents,
+                p.depth,
+                p.heads,
+                p.head_dim,
+                p.ff_mult,
+                p.max_media,
+                p.max_frames,
+                p.qk_norm,
+                cosine=p.cosine_attn,
+                rope=p.rope_2d,
+                ff_act=p.ff_act,
             )
         else:
             r = MediaFlatten(in_dim)
@@ -63,14 +107,25 @@ class DeepFusion(nn.Module):
         visible = media_mask(text_idx, M, self.cfg.cross_attn.only_previous_image, x.segment_ids, media_seg)
         return MediaContext(media=x.media, visible=visible, kv_cache=x.media_kv)
 
+    def text_only_context(self, x: FusionInputs) -> MediaContext:
+        """No media at all: one zero media item that no token sees, so each block adds its gated dense FFN only
+        (OpenFlamingo and IDEFICS run it on every token, with or without images)."""
+        B, T = x.embeds.shape[:2]
+        media = torch.zeros(B, 1, 1, self.media_dim, device=x.embeds.device)
+        return MediaContext(media=media, visible=torch.zeros(B, T, 1, dtype=torch.bool, device=x.embeds.device))
+
     def forward(
         self, lm: nn.Module, x: FusionInputs, prefix_hidden: torch.Tensor | None = None, prefix_layer: int | None = None
     ):
         """(last hidden states, the LM's output or None, inputs as used)."""
         extra = {} if x.media is None else {MEDIA_KWARG: self.context(x)}
+        if x.media is None and self.cfg.cross_attn.dense_without_media:
+            extra = {MEDIA_KWARG: self.text_only_context(x)}
         if prefix_hidden is not None:  # frozen-prefix replay: run only the layers from `prefix_layer` up
             return self.replay(lm, x, prefix_hidden, prefix_layer, extra), None, x
-        out = lm.base_model(**x.lm_kwargs(), **extra)
+        ctx = extra.get(MEDIA_KWARG)
+        with media_scope(ctx) if ctx is not None and self.needs_scope(lm) else contextlib.nullcontext():
+            out = lm.base_model(**x.lm_kwargs(), **extra)
         return out.last_hidden_state, out, x
 
     def replay(self, lm: nn.Module, x: FusionInputs, hidden: torch.Tensor, layer: int, extra: dict) -> torch.Tensor:

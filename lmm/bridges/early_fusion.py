@@ -24,6 +24,10 @@ class EarlyFusion(nn.Module):
     def resampler(self, in_dim: int) -> nn.Module:
         """Per-modality resampler: media of width `in_dim` -> (B, M, K, lm_dim)."""
         c = self.cfg
+        if c.kind == "qformer" and c.qformer.variant == "blip2":
+            from lmm.blip2 import build_qformer  # weights: lmm.blip2.init_qformer at a training run's start
+
+            return build_qformer(c.qformer, in_dim, self.lm_dim, max_frames=c.perceiver.max_frames)
         if c.kind == "qformer":
             q = c.qformer
             return QFormer(

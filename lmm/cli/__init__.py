@@ -7,7 +7,7 @@ import importlib
 import typer
 
 app = typer.Typer(
-    help="lmm: Flamingo-style multimodal models (train, chat, serve, web, eval, data, merge).",
+    help="lmm: Flamingo-style multimodal models (train, chat, serve, web, eval, data, merge, convert, export).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -15,7 +15,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; a module that is absent (or whose optional extra is missing
 # at import) simply does not add its command.
-_COMMAND_MODULES = ("train", "chat", "serve", "web", "eval", "data", "merge")
+_COMMAND_MODULES = ("train", "chat", "serve", "web", "eval", "data", "merge", "convert", "export")
 for _name in _COMMAND_MODULES:
     try:
         _mod = importlib.import_module(f"lmm.cli.{_name}")

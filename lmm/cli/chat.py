@@ -1,4 +1,5 @@
-"""`lmm chat`: an interactive terminal chat with images (or one question with --prompt), answers streamed."""
+"""`lmm chat`: an interactive terminal chat with images, videos and audio clips (or one question with --prompt),
+answers streamed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import typer
 
 HELP_TEXT = """Commands:
   /image PATH     attach an image to your next message (or write @PATH, or @"PATH WITH SPACES", in it)
+  /video PATH     attach a video (frames sampled as in training); @clip.mp4 too
+  /audio PATH     attach an audio clip (models with an audio encoder); @clip.wav too
   /reset          forget the conversation (history and images)
   /save FILE      write the conversation as JSON (messages with image paths; model.chat can read it back)
   /set NAME VALUE change a setting: max_new_tokens, temperature (0: greedy), top_p, seed (or none)
@@ -56,18 +59,22 @@ class ChatSession:
         self.history: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.pending: list[dict] = []
 
-    def attach(self, path: str) -> None:
-        """Load and keep an image for the next message; a missing or undecodable file raises ValueError."""
-        from lmm.generation import load_images
+    def attach(self, path: str, kind: str | None = None) -> None:
+        """Load and keep an image, video or audio clip (`kind`, else from the file's suffix) for the next message;
+        a missing or undecodable file raises ValueError."""
+        from lmm.inputs import load_media, media_kind
 
-        image = load_images([Path(path).expanduser()])[0]
-        self.pending.append({"type": "image", "image": image, "path": str(Path(path).expanduser())})
+        p = Path(path).expanduser()
+        kind = kind or media_kind(p)
+        self.pending.append({"type": kind, kind: load_media(self.model, p, kind), "path": str(p)})
 
     def _take_mentions(self, text: str) -> str:
+        from lmm.inputs import media_kind
+
         def repl(m: re.Match) -> str:
             raw = m.group(1) or m.group(2)
             p = Path(raw).expanduser()
-            if p.is_file() or p.suffix.lower() in IMAGE_SUFFIXES or m.group(1):
+            if p.is_file() or media_kind(p, None) is not None or m.group(1):
                 self.attach(raw)
                 return ""
             return m.group(0)  # "@someone" that is not a file stays text
@@ -158,7 +165,7 @@ class ChatSession:
         """The history as JSON: the messages `model.chat` takes, images as their file paths."""
 
         def part(p):
-            return {"type": "image", "image": p["path"]} if p.get("type") == "image" else p
+            return {"type": p["type"], p["type"]: p["path"]} if "path" in p else p
 
         msgs = [
             {
@@ -182,11 +189,11 @@ class ChatSession:
         elif cmd == "/reset":
             self.reset()
             self.out.write("conversation cleared\n")
-        elif cmd == "/image":
+        elif cmd in ("/image", "/video", "/audio"):
             if not arg:
-                raise ValueError("usage: /image PATH")
-            self.attach(arg.strip('"'))
-            self.out.write(f"attached {arg} ({len(self.pending)} image(s) for your next message)\n")
+                raise ValueError(f"usage: {cmd} PATH")
+            self.attach(arg.strip('"'), cmd[1:])
+            self.out.write(f"attached {arg} ({len(self.pending)} attachment(s) for your next message)\n")
         elif cmd == "/set":
             self.out.write(
                 self.set(*arg.split(None, 1)) + "\n"
@@ -231,7 +238,8 @@ class ChatSession:
 def register(app: typer.Typer) -> None:
     @app.command(
         "chat",
-        help="Chat with a model in the terminal (images by /image PATH or @PATH; /help inside).\n\n"
+        help="Chat with a model in the terminal (images, videos, audio by /image, /video, /audio PATH or @PATH; "
+        "/help inside).\n\n"
         "With --prompt: answer one message and exit, e.g.\n\n"
         "  lmm chat --model runs/my-model --image cat.png --prompt 'What is this?'",
     )
@@ -239,6 +247,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="A save_pretrained directory or a preset name."),
         prompt: str | None = typer.Option(None, "--prompt", help="Answer this one message and exit."),
         image: list[Path] = typer.Option([], "--image", help="Image(s) for the first message (repeatable)."),
+        video: list[Path] = typer.Option([], "--video", help="Video(s) for the first message (repeatable)."),
+        audio: list[Path] = typer.Option([], "--audio", help="Audio clip(s) for the first message (repeatable)."),
         system: str | None = typer.Option(None, "--system", help="A system message."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; >0: sample."),
@@ -256,9 +266,18 @@ def register(app: typer.Typer) -> None:
             load_images(image)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--image") from None
+        for hint, paths in (("--video", video), ("--audio", audio)):
+            for p in paths:
+                if not p.is_file():
+                    raise typer.BadParameter(f"file not found: {p}", param_hint=hint)
         session = ChatSession(load_model(model, device), max_new_tokens=max_new_tokens, system=system, **gen)
-        for p in image:
-            session.attach(str(p))
+        try:
+            for kind, paths in (("image", image), ("video", video), ("audio", audio)):
+                for p in paths:
+                    session.attach(str(p), kind)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         if prompt is not None:
             session.out = _Quiet(sys.stdout)
             try:

@@ -9,9 +9,11 @@ import typer
 
 HELP = """Few-shot benchmark evaluation (Flamingo / OpenFlamingo protocol), and held-out conversation sets.
 
-Tasks: coco, flickr30k, vqav2, okvqa, textvqa, vizwiz, hatefulmemes, imagenet, easyvqa.
+Tasks: coco, flickr30k, vqav2, okvqa, textvqa, vizwiz, hatefulmemes, imagenet, easyvqa; video: msrvtt_qa,
+msvd_qa; audio (a model with an audio encoder): clotho, audiocaps, esc50.
 
-Files expected under --data-root per task: `python -m pydoc lmm.eval.tasks`.
+Files expected under --data-root per task: `python -m pydoc lmm.eval.tasks` (video: lmm.eval.video_qa, audio:
+lmm.eval.audio_tasks).
 
 --data FILE --format conversation evaluates your own held-out set in the training format (LLaVA-style JSON): the
 final assistant turn of each conversation is the answer, asked through the model's chat template; --metric

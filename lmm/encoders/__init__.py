@@ -15,8 +15,21 @@ from torch import nn
 
 from lmm.config import ConfigError, EncoderConfig
 
+
+def _whisper(modality: str, cfg: EncoderConfig) -> nn.Module:
+    from lmm.encoders.audio import build_whisper  # imported when built: no import-time cost or side effect
+
+    return build_whisper(modality, cfg)
+
+
+def _hf_audio(modality: str, cfg: EncoderConfig) -> nn.Module:
+    from lmm.encoders.audio import build_hf_audio
+
+    return build_hf_audio(modality, cfg)
+
+
 # kind -> builder(modality name, EncoderConfig) -> encoder module
-ENCODERS: dict[str, Callable[[str, EncoderConfig], nn.Module]] = {}
+ENCODERS: dict[str, Callable[[str, EncoderConfig], nn.Module]] = {"whisper": _whisper, "hf_audio": _hf_audio}
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> nn.Module:

@@ -81,6 +81,22 @@ def create_app(
             return len(counter(text, add_special_tokens=False)["input_ids"])
 
     started = int(time.time())
+    audio = model.encoders["audio"] if "audio" in model.encoders else None
+    audio_rate = getattr(audio, "sampling_rate", 16_000)
+
+    def check_audio(media: list) -> None:
+        """A clip the audio encoder refuses (e.g. longer than its max_chunks) is the client's 400, found here
+        rather than inside a batch; a model without an audio encoder refuses audio parts."""
+        from lmm.inputs import Audio, audio_items
+
+        for item in media:
+            if isinstance(item, Audio):
+                if audio is None:
+                    raise bad_request("this model has no audio encoder; send text, images or video", "invalid_audio")
+                try:
+                    audio_items(model, "audio", item)
+                except ValueError as e:
+                    raise bad_request(str(e)[:500], "invalid_audio", "messages") from None
 
     def generate(conversations, settings):
         return model.chat(conversations, **settings.kwargs())
@@ -155,7 +171,7 @@ def create_app(
             raise bad_request("'stream' must be true or false", "invalid_value", "stream")
         explicit = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
         settings = parse_settings(body, default_max_tokens)
-        messages = resolve_messages(body.get("messages"), allow_dir, limits)
+        messages = resolve_messages(body.get("messages"), allow_dir, limits, model.config.video_frames, audio_rate)
         try:
             prompt, images = model.render_chat(messages)
         except ValueError as e:
@@ -163,7 +179,8 @@ def create_app(
         n_tokens = count_tokens(prompt)
         if not explicit and context is not None:  # fit the default answer length into what the context leaves
             settings = replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, context - n_tokens)))
-        check_prompt(prompt, n_tokens, len(images), settings.max_new_tokens, context)
+        check_prompt(prompt, n_tokens, images, settings.max_new_tokens, context)
+        check_audio(images)
         return ChatRequest(
             messages=messages, settings=settings, stream=stream_flag, prompt=prompt, prompt_tokens=n_tokens
         )

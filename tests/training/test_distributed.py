@@ -82,9 +82,10 @@ def test_fsdp2_two_processes_match_one_across_a_killed_and_resumed_run(tmp_path,
 
 @pytest.mark.slow  # two launches: about a minute on 2 shared cores
 def test_ddp_with_the_contrastive_loss_matches_one_process(tmp_path, tiny_dir, dataset, h):
-    """Each micro-batch's InfoNCE (its rows are its negatives) is averaged over micro-batches and ranks, so
-    2 ranks x 1 micro-batch take the same steps as 1 process x 2 accumulated micro-batches."""
-    extra = dict(model_overrides=["bridge.contrastive_dim=16"], contrastive_weight=0.5)
+    """With rank-local negatives each micro-batch's InfoNCE (its rows are its negatives) is averaged over
+    micro-batches and ranks, so 2 ranks x 1 micro-batch take the same steps as 1 process x 2 accumulated
+    micro-batches (global negatives: tests/training/test_global_contrastive.py)."""
+    extra = dict(model_overrides=["bridge.contrastive_dim=16"], contrastive_weight=0.5, contrastive_negatives="rank")
     one = config(
         tmp_path / "one",
         tiny_dir,
