@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from .errors import BadSample
-from .media import read_media_bytes
+from .media import env_limit, read_media_bytes
 
 AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac", "webm")
 DEFAULT_SAMPLE_RATE = 16_000
@@ -42,16 +42,7 @@ _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 def max_audio_seconds() -> float:
     """Longest clip (seconds) a sample may hold: env LMM_MAX_AUDIO_SECONDS, else 600."""
-    raw = os.environ.get("LMM_MAX_AUDIO_SECONDS")
-    if raw is None or raw.strip() == "":
-        return DEFAULT_MAX_AUDIO_SECONDS
-    try:
-        value = float(raw.replace("_", ""))
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"LMM_MAX_AUDIO_SECONDS={raw!r}: expected a positive number of seconds")
-    return value
+    return env_limit("LMM_MAX_AUDIO_SECONDS", DEFAULT_MAX_AUDIO_SECONDS, float)
 
 
 def _too_long(seconds: float, limit: float, how: str) -> BadSample:

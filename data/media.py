@@ -37,16 +37,17 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 _TORCHVISION_FORMATS = {"JPEG", "WEBP"}
 
 
-def _env_limit(name: str, default: int) -> int:
+def env_limit(name: str, default, kind=int):
+    """A positive limit from environment variable `name` (`kind` int or float), else `default`."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw.replace("_", ""))
+        value = kind(raw.replace("_", ""))
     except ValueError:
         value = 0
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r}: expected a positive whole number")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r}: expected a positive {'whole ' if kind is int else ''}number")
     return value
 
 
@@ -55,12 +56,12 @@ def max_image_pixels() -> int:
 
     PIL refuses images above twice its own `PIL.Image.MAX_IMAGE_PIXELS` (~179 MP) in any case; a limit above
     that also needs PIL's raised."""
-    return _env_limit("LMM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
+    return env_limit("LMM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
 
 def max_member_bytes() -> int:
     """Most bytes one shard member or media file may have: env LMM_MAX_MEMBER_BYTES, else 256 MiB."""
-    return _env_limit("LMM_MAX_MEMBER_BYTES", DEFAULT_MAX_MEMBER_BYTES)
+    return env_limit("LMM_MAX_MEMBER_BYTES", DEFAULT_MAX_MEMBER_BYTES)
 
 
 def resolve_path(path: str, root: str | None) -> str:

@@ -176,7 +176,7 @@ def audio_encoder_config() -> EncoderConfig:
     return EncoderConfig(kind="whisper", options={"path": str(whisper_tiny_en_folder()), "pool": 4, "max_chunks": 8})
 
 
-def tiny_audio_config() -> LMMConfig:
+def tiny_audio_preset_config() -> LMMConfig:
     """lmm-tiny-audio: lmm-tiny plus Whisper tiny.en's encoder. Images (16 tokens) and audio (375 per window)
     go through perceivers of 16 latents each, so both modalities can share a batch."""
     cfg = tiny_config()
@@ -189,7 +189,7 @@ def tiny_audio_config() -> LMMConfig:
 
 def preset_config(name: str) -> LMMConfig:
     """The LMMConfig of a named preset (its frozen weights converted into the lmm cache on first use)."""
-    builders = {"lmm-tiny": tiny_config, "lmm-tiny-audio": tiny_audio_config}
+    builders = {"lmm-tiny": tiny_config, "lmm-tiny-audio": tiny_audio_preset_config}
     if name not in builders:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return builders[name]()

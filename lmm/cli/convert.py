@@ -17,9 +17,17 @@ def _group() -> None:
     """Convert models made elsewhere into folders lmm loads."""
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2) from None
+def run_converter(label: str, convert, *args) -> None:
+    """Call a converter or exporter: a ConfigError (a bad checkpoint, folder or option) is a clear command-line error
+    (exit 2); success prints the folder written."""
+    from lmm.config import ConfigError
+
+    try:
+        path = convert(*args)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{label}: {path}")
 
 
 @convert_app.command("whisper-ct2")
@@ -28,14 +36,9 @@ def whisper_ct2_command(
     out: Path = typer.Option(..., "--out", help="New HF Whisper folder to write (must not exist or be empty)."),
 ) -> None:
     """CTranslate2 Whisper -> HF Whisper folder (use it as encoders.audio: {kind: whisper, options: {path: OUT}})."""
-    from lmm.config import ConfigError
     from lmm.convert.whisper_ct2 import convert_whisper_ct2
 
-    try:
-        path = convert_whisper_ct2(model, out)
-    except ConfigError as e:
-        _fail(e)
-    typer.echo(f"HF Whisper folder: {path}")
+    run_converter("HF Whisper folder", convert_whisper_ct2, model, out)
 
 
 @convert_app.command("openflamingo")
@@ -51,14 +54,9 @@ def openflamingo_command(
     out: Path = typer.Option(..., "--out", help="New lmm model directory (must not exist or be empty)."),
 ) -> None:
     """OpenFlamingo checkpoint -> lmm model directory with OpenFlamingo's outputs."""
-    from lmm.config import ConfigError
     from lmm.convert.openflamingo import convert_openflamingo
 
-    try:
-        path = convert_openflamingo(checkpoint, vision, lm, out, cross_attn_every, tokenizer, dtype)
-    except ConfigError as e:
-        _fail(e)
-    typer.echo(f"lmm model: {path}")
+    run_converter("lmm model", convert_openflamingo, checkpoint, vision, lm, out, cross_attn_every, tokenizer, dtype)
 
 
 @convert_app.command("llava")
@@ -68,14 +66,9 @@ def llava_command(
     out: Path = typer.Option(..., "--out", help="New lmm model directory (must not exist or be empty)."),
 ) -> None:
     """LLaVA (HF folder) -> lmm model directory on the projector bridge, with LLaVA's outputs."""
-    from lmm.config import ConfigError
     from lmm.convert.llava import convert_llava
 
-    try:
-        path = convert_llava(model, out, dtype)
-    except ConfigError as e:
-        _fail(e)
-    typer.echo(f"lmm model: {path}")
+    run_converter("lmm model", convert_llava, model, out, dtype)
 
 
 @convert_app.command("idefics")
@@ -85,14 +78,9 @@ def idefics_command(
     out: Path = typer.Option(..., "--out", help="New lmm model directory (must not exist or be empty)."),
 ) -> None:
     """IDEFICS (HF folder) -> lmm model directory on the flamingo bridge, with IDEFICS's outputs."""
-    from lmm.config import ConfigError
     from lmm.convert.idefics import convert_idefics
 
-    try:
-        path = convert_idefics(model, out, dtype)
-    except ConfigError as e:
-        _fail(e)
-    typer.echo(f"lmm model: {path}")
+    run_converter("lmm model", convert_idefics, model, out, dtype)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from lmm.cli.convert import run_converter
+
 export_app = typer.Typer(
     help="Export lmm models to other frameworks' formats.", no_args_is_help=True, add_completion=False
 )
@@ -17,11 +19,6 @@ def _group() -> None:
     """Export lmm models to other frameworks' formats."""
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2) from None
-
-
 @export_app.command("llava")
 def llava_command(
     src: Path = typer.Argument(
@@ -30,14 +27,9 @@ def llava_command(
     out: Path = typer.Option(..., "--out", help="New HF folder (LlavaForConditionalGeneration + processor)."),
 ) -> None:
     """lmm (projector bridge) -> HF LlavaForConditionalGeneration folder."""
-    from lmm.config import ConfigError
     from lmm.convert.export_llava import export_llava
 
-    try:
-        path = export_llava(src, out)
-    except ConfigError as e:
-        _fail(e)
-    typer.echo(f"HF LLaVA folder: {path}")
+    run_converter("HF LLaVA folder", export_llava, src, out)
 
 
 @export_app.command("openflamingo")
@@ -49,14 +41,11 @@ def openflamingo_command(
     ),
 ) -> None:
     """lmm (flamingo bridge) -> files open_flamingo's create_model_and_transforms + load_state_dict accept."""
-    from lmm.config import ConfigError
     from lmm.convert.export_openflamingo import export_openflamingo
 
-    try:
-        path = export_openflamingo(src, out, drop_time_embeddings)
-    except ConfigError as e:
-        _fail(e)
-    typer.echo(f"OpenFlamingo files: {path} (arguments in {path / 'openflamingo.json'})")
+    run_converter(
+        "OpenFlamingo files (arguments in openflamingo.json)", export_openflamingo, src, out, drop_time_embeddings
+    )
 
 
 def register(app: typer.Typer) -> None:
