@@ -1,4 +1,5 @@
-"""`lmm data label`: pseudo-label a shard set or a folder of images with a model, filter, write webdataset shards.
+"""`lmm data label`: pseudo-label a shard set or a folder of images (videos, audio clips: `media`) with a model,
+filter, write webdataset shards.
 
 4M built its aligned training set by letting trusted models label every image; MMC4 dropped image-text pairs
 of low CLIP similarity. This is that loop for lmm models:
@@ -37,10 +38,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lmm.config import ConfigError
+from lmm.data.audio import AUDIO_EXTENSIONS
 from lmm.data.errors import BadSample, DataError
 from lmm.data.formats import IMAGE_KEYS, TOO_LARGE_KEY
 from lmm.data.media import decode_image, max_member_bytes
 from lmm.data.sources import expand_paths, read_tar
+from lmm.data.video import VIDEO_EXTENSIONS
+from lmm.inputs import VIDEO_MARKER, Audio, Video
 from lmm.tokens import IMAGE_TOKEN
 
 logger = logging.getLogger("lmm.label")
@@ -53,7 +57,8 @@ TASK_PROMPTS = {
     "vqa": "<image>Question: {question} Short answer:",
 }
 CHAT_TASK_TEXT = {"caption": "Describe the image in one sentence.", "vqa": "{question}"}
-FOLDER_MEDIA_EXTS = tuple(f".{e}" for e in IMAGE_KEYS)  # files that start a sample in a plain folder
+# files that start a sample in a plain folder: images, videos, audio clips
+FOLDER_MEDIA_EXTS = tuple(f".{e}" for e in IMAGE_KEYS + VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)
 DROP_REASONS = {
     "empty_output": "the model generated no text",
     "low_score": "mean token log-prob below --min-score",
@@ -77,8 +82,8 @@ class LabelConfig:
     system: str | None = None  # chat: the system message (default: the model's own)
     field: str = "label"  # members FIELD.txt and FIELD.json are added to each sample
     model_id: str | None = None  # recorded in every sample (default: the model's name)
-    media: str = "image"  # which MEDIA_READERS entry turns a sample into model inputs
-    image_key: str | None = None  # the member holding the image (default: jpg/jpeg/png/webp/...)
+    media: str = "image"  # image | video | audio: which MEDIA_READERS entry turns a sample into model inputs
+    image_key: str | None = None  # the member holding the media (default: jpg/png/... | mp4/webm/... | wav/flac/...)
     batch_size: int = 32  # prompt rows per left-padded batch
     max_new_tokens: int = 32
     min_score: float | None = None
@@ -118,6 +123,8 @@ class LabelConfig:
             raise ConfigError("--clip-model and --clip-checkpoint go together (an open_clip name and its weights)")
         if self.similarity and self.clip_model:
             raise ConfigError("give --similarity (the model's contrastive head) or --clip-model, not both")
+        if (self.similarity or self.clip_model) and self.media != "image":
+            raise ConfigError("--similarity / --clip-model score images against texts: use them with --media image")
         if self.min_similarity is not None and not (self.similarity or self.clip_model):
             raise ConfigError(
                 "--min-similarity needs --similarity (contrastive head) or --clip-model/--clip-checkpoint"
@@ -244,19 +251,51 @@ def load_questions(path: str) -> list[str]:
 # --------------------------------------------------------------------------- media and prompts
 
 
-def image_media(record: dict, key: str, image_key: str | None) -> list:
-    """A sample's image (decoded, RGB) for a prompt with one <image> marker; BadSample when unusable."""
+def _member(record: dict, key: str, media_key: str | None, exts: tuple[str, ...], kind: str) -> bytes:
+    """The bytes of a sample's `kind` member (`media_key`, else the first of `exts`); BadSample when unusable."""
     if record.get(TOO_LARGE_KEY):
         raise BadSample("member_too_large", f"not read: {', '.join(record[TOO_LARGE_KEY])}", key)
-    value = record.get(image_key) if image_key else next((record[k] for k in IMAGE_KEYS if k in record), None)
+    value = record.get(media_key) if media_key else next((record[k] for k in exts if k in record), None)
     if value is None:
-        raise BadSample("missing_image", f"no {image_key or '/'.join(IMAGE_KEYS)} member", key)
-    return [decode_image(value)]
+        raise BadSample(f"missing_{kind}", f"no {media_key or '/'.join(exts)} member", key)
+    return value
 
 
-# media kind -> (marker in prompts, reader: (record, key, media_key) -> the sample's media items). Video and audio
-# readers join here: a reader returns the item list `prepare_inputs` takes for its marker (PIL images here).
-MEDIA_READERS: dict[str, tuple[str, Callable]] = {"image": (IMAGE_TOKEN, image_media)}
+def image_media(record: dict, key: str, media_key: str | None, model) -> list:
+    """A sample's image (decoded, RGB) for a prompt with one <image> marker."""
+    return [decode_image(_member(record, key, media_key, IMAGE_KEYS, "image"))]
+
+
+def video_media(record: dict, key: str, media_key: str | None, model) -> list:
+    """A sample's video as the model's `video_frames` frames, sampled as its training loader samples them."""
+    from lmm.data.video import sample_frames
+
+    return [Video(sample_frames(_member(record, key, media_key, VIDEO_EXTENSIONS, "video"), model.config.video_frames))]
+
+
+def audio_media(record: dict, key: str, media_key: str | None, model) -> list:
+    """A sample's audio clip, decoded and resampled to the model's audio encoder's rate."""
+    from lmm.data.audio import decode_audio
+
+    if "audio" not in model.encoders:
+        raise ConfigError("--media audio needs a model with an audio encoder (encoders.audio in its config)")
+    rate = getattr(model.encoders["audio"], "sampling_rate", 16_000)
+    data = _member(record, key, media_key, AUDIO_EXTENSIONS, "audio")
+    wave = decode_audio(data, sampling_rate=rate)
+    try:
+        model.encoders["audio"].preprocess(wave)  # more windows than the encoder takes: a counted skip, not a crash
+    except ValueError as e:
+        raise BadSample("audio_too_long", str(e)[:200], key) from None
+    return [Audio(wave, rate)]
+
+
+# media kind -> (marker in prompts, reader: (record, key, media_key, model) -> the sample's media items, the list
+# `prepare_inputs` takes for its marker: PIL images, `Video`s of sampled frames, `Audio` waveforms)
+MEDIA_READERS: dict[str, tuple[str, Callable]] = {
+    "image": (IMAGE_TOKEN, image_media),
+    "video": (VIDEO_MARKER, video_media),
+    "audio": ("<audio>", audio_media),
+}
 
 
 @dataclass
@@ -273,7 +312,9 @@ def build_questions(cfg: LabelConfig, model) -> list[Question]:
     qs = load_questions(cfg.questions) if cfg.task == "vqa" else [None]
     out = []
     for q in qs:
-        template = cfg.prompt if cfg.prompt is not None else (CHAT_TASK_TEXT if cfg.chat else TASK_PROMPTS)[cfg.task]
+        template = cfg.prompt
+        if template is None:  # a built-in prompt: the media's own marker in place of <image>
+            template = (CHAT_TASK_TEXT if cfg.chat else TASK_PROMPTS)[cfg.task].replace(IMAGE_TOKEN, marker)
         filled = template.replace("{question}", q) if q is not None else template
         if cfg.chat:
             text = filled
@@ -286,7 +327,7 @@ def build_questions(cfg: LabelConfig, model) -> list[Question]:
             prompt = filled
             if marker not in prompt:
                 prompt = marker + prompt
-            user = q if q is not None else prompt.replace(marker, "").strip() or "Describe the image."
+            user = q if q is not None else prompt.replace(marker, "").strip() or f"Describe the {cfg.media}."
             user = f"{marker}\n{user}"
         if prompt.count(marker) != 1:
             raise ConfigError(f"the prompt must hold exactly one {marker} marker: {prompt!r}")
@@ -474,7 +515,7 @@ class Labeller:
                         raise ConfigError(
                             f"{shard.path}: sample {key} already has a {ext} member; pick another --field"
                         )
-                yield key, record, self.reader(record, key, self.cfg.image_key), None
+                yield key, record, self.reader(record, key, self.cfg.image_key, self.model), None
             except BadSample as e:
                 logger.warning("skipping sample %s of %s (%s)", key, shard.path, e)
                 yield key, None, None, e.reason

@@ -483,3 +483,43 @@ def test_prompt_styles_and_their_mistakes(tmp_path, model, model_dir):
             _cfg(model_dir, "in", "out", **kw).validate()
     with pytest.raises(ConfigError, match="exactly one <image>"):
         build_questions(_cfg(model_dir, "in", "out", task=None, prompt="<image><image>two?"), model)
+
+
+@pytest.mark.parametrize("media", ["video", "audio"])
+def test_video_and_audio_folders_are_labelled_as_generate_answers_each_clip(tmp_path, media):
+    """--media video|audio: each clip's label equals model.generate on that clip alone (frames sampled, audio
+    decoded as training does); a corrupt clip is counted and skipped."""
+    import numpy as np
+
+    from lmm.data.audio import write_audio
+    from lmm.data.video import write_video
+    from lmm.testing import sine_wave, tiny_media_lmm
+
+    model = tiny_media_lmm(seed=5)
+    model.save_pretrained(tmp_path / "m")
+    inp = tmp_path / "clips"
+    inp.mkdir()
+    for k in range(3):
+        if media == "video":
+            rs = np.random.RandomState(k)
+            write_video(
+                str(inp / f"c{k}.mp4"), [Image.fromarray(rs.randint(0, 255, (32, 32, 3), np.uint8)) for _ in range(5)]
+            )
+        else:
+            write_audio(inp / f"c{k}.wav", sine_wave(300.0 + 400 * k, rate=8000), 8000)
+    (inp / f"bad.{'mp4' if media == 'video' else 'wav'}").write_bytes(b"RIFF\x00\x00 definitely not media")
+    marker = "<video>" if media == "video" else "<audio>"
+    prompt = f"{marker}A short caption:"
+    result = run_label(_cfg(tmp_path / "m", inp, tmp_path / "out", media=media, batch_size=2), model=model)
+    ext = "mp4" if media == "video" else "wav"
+    alone = {
+        f"c{k}": model.generate(prompt, **{f"{media}s": [inp / f"c{k}.{ext}"]}, max_new_tokens=MAX_NEW)
+        for k in range(3)
+    }
+    assert result["summary"]["dropped"].get(f"corrupt_{media}") == 1
+    outs = dict(_outputs(tmp_path / "out"))
+    assert outs and all(json.loads(m["label.json"])["prompt"] == prompt for m in outs.values())
+    assert {k: m["label.txt"].decode() for k, m in outs.items()} == {k: t for k, t in alone.items() if t.strip()}
+    assert all(outs[k][ext] == (inp / f"{k}.{ext}").read_bytes() for k in outs)  # the clip kept byte for byte
+    with pytest.raises(ConfigError, match="--media image"):
+        _cfg(tmp_path / "m", inp, tmp_path / "o2", media=media, similarity=True).validate()
