@@ -108,7 +108,7 @@ class CachedConversationBatches:
         self.media_features: dict[str, torch.Tensor] = {}  # modality -> (total chunks, N, D), clips back to back
         self.chunk_offsets: dict[str, torch.Tensor] = {}  # modality -> (clips + 1,): clip i = chunks [o[i], o[i+1])
         with torch.no_grad():
-            held = 0
+            held = 0 if max_bytes is None else self._text_bytes()  # what the text states will hold
             if images:
                 first = self._encode_images(images[:feature_batch])
                 held = self._check_memory(max_bytes, first, len(images), int(self.offsets[-1]))
@@ -198,6 +198,11 @@ class CachedConversationBatches:
             for r, i in enumerate(chunk):
                 out[self.offsets[i] : self.offsets[i + 1]] = h[r, : int(self.lengths[i])]
         return out
+
+    def _text_bytes(self) -> int:
+        """Bytes the hidden states of every distinct text will take (one probe of one token)."""
+        probe = self.model.prefix_hidden_states(self.ids[:1][None], torch.ones(1, 1, dtype=torch.long))
+        return int(self.offsets[-1]) * probe.shape[-1] * probe.element_size()
 
     def _check_memory(self, max_bytes: int | None, first: torch.Tensor, n_images: int, n_tokens: int) -> int:
         """ConfigError when images + text states would pass `max_bytes`; else the bytes they will hold."""
