@@ -243,3 +243,17 @@ def test_fewshot_with_video_and_audio_demos(audio_model, clips, videos):
     assert prompt == "<video>Output: a clip.<|endofchunk|><audio>Output: a tone.<|endofchunk|><audio>Output:"
     expected = audio_model.generate(prompt, videos=[videos[0]], audios=[clips[0], clips[1]], **GEN)
     assert fewshot_generate(audio_model, demos, [(Audio(str(clips[1])), "Output:")], **GEN) == [expected]
+
+
+def test_a_10000_frame_video_is_sampled_not_decoded_whole(model, tmp_path, monkeypatch):
+    """A 10,000-frame clip: generate converts only the model's video_frames frames (seeking), in bounded memory."""
+    import lmm.data.video as video
+
+    frames = [Image.new("RGB", (16, 16), (i % 256, (i * 7) % 256, 0)) for i in range(10_000)]
+    write_video(str(tmp_path / "long.mp4"), frames, fps=250)
+    converted = []
+    real = video._rgb
+    monkeypatch.setattr(video, "_rgb", lambda frame: converted.append(frame.pts) or real(frame))
+    batch = prepare_inputs(model, ["<video>what happens?"], videos=[[tmp_path / "long.mp4"]])
+    assert batch["pixel_values"].shape[:3] == (1, 1, model.config.video_frames)
+    assert len(converted) == model.config.video_frames
