@@ -17,7 +17,9 @@ HELP = (
     "Limits (requests are untrusted; each refusal is a 400/408/413 with an OpenAI error body): the body however "
     "it is sent (--max-body-mb, --body-timeout), images per request (--max-images), pixels per image and per "
     "request read from the image headers before anything is decoded (--max-image-pixels, --max-request-pixels; "
-    "sides more unequal than 200:1 are refused too), text per request before tokenising (--max-text-chars). "
+    "sides more unequal than 200:1 are refused too), text per request before tokenising (--max-text-chars), video "
+    "parts (--max-videos, --max-video-mb) and audio parts (--max-audios, --max-audio-mb, --max-audio-seconds, the "
+    "duration read from the clip's header). "
     "Slow clients: request headers must arrive within --header-timeout seconds, idle connections close after "
     "--keep-alive-timeout, and connections beyond --max-connections get a 503. A non-streamed request whose "
     "client disconnects is cancelled before it reaches the model.\n"
@@ -80,6 +82,13 @@ def register(app: typer.Typer) -> None:
             "tokenising: 413 (default: 32 per token of the model's "
             "context).",
         ),
+        max_videos: int = typer.Option(4, "--max-videos", min=1, help="Most video_url parts in one request: 400."),
+        max_video_mb: float = typer.Option(50.0, "--max-video-mb", min=0.001, help="Largest video in MiB: 413."),
+        max_audios: int = typer.Option(8, "--max-audios", min=1, help="Most input_audio parts in one request: 400."),
+        max_audio_mb: float = typer.Option(25.0, "--max-audio-mb", min=0.001, help="Largest audio clip in MiB: 413."),
+        max_audio_seconds: float = typer.Option(
+            600.0, "--max-audio-seconds", min=0.001, help="Longest audio clip, from its header: 413."
+        ),
         body_timeout: float = typer.Option(
             60.0, "--body-timeout", min=0.001, help="Seconds for a request body to arrive: 408."
         ),
@@ -118,6 +127,11 @@ def register(app: typer.Typer) -> None:
             max_image_pixels=max_image_pixels,
             max_request_pixels=max_request_pixels,
             max_text_chars=max_text_chars,
+            max_videos=max_videos,
+            max_video_bytes=int(max_video_mb * 2**20),
+            max_audios=max_audios,
+            max_audio_bytes=int(max_audio_mb * 2**20),
+            max_audio_seconds=max_audio_seconds,
             body_timeout=body_timeout,
         )
         lmm_model = load_model(model, device)

@@ -52,6 +52,7 @@ def client(saved, files, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "serve.log"
     cmd = [str(Path(sys.executable).with_name("lmm")), "serve", "--model", str(saved), "--port", str(port)]
     cmd += ["--api-key", KEY, "--allow-local-dir", str(files), "--device", "cpu", "--log-level", "warning"]
+    cmd += ["--max-audio-seconds", "90", "--max-videos", "2"]  # budgets of the server, beside the model's own
     with running_server(cmd, f"http://127.0.0.1:{port}/health", log, headers={"Authorization": f"Bearer {KEY}"}):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
     assert "Traceback" not in log.read_text(), log.read_text()
@@ -144,3 +145,18 @@ def test_a_clip_longer_than_the_encoder_takes_is_a_400(client):
     with pytest.raises(openai.APIStatusError) as e:
         _ask(client, {"type": "input_audio", "input_audio": {"data": long, "format": "wav"}})
     assert e.value.status_code == 400 and "max_chunks" in e.value.body["message"]
+
+
+def test_the_servers_media_budgets_are_4xx(client, files):
+    """--max-audio-seconds 90: a 100 s clip is a 413 from its header (before the encoder is asked); --max-videos 2:
+    three video parts are a 400."""
+    clip = base64.b64encode(encode_audio(np.zeros(16000 * 100, np.float32), 16000, "wav")).decode()
+    with pytest.raises(openai.APIStatusError) as e:
+        _ask(client, {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}})
+    assert e.value.status_code == 413 and e.value.body["code"] == "audio_too_long"
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + _b64(files / "clip0.mp4")}}
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(
+            model="tiny-media", messages=[{"role": "user", "content": [video, video, video]}], max_tokens=TOKENS
+        )
+    assert e.value.status_code == 400 and e.value.body["code"] == "too_many_videos"
