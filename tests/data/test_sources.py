@@ -3,9 +3,9 @@
 import json
 import os
 
+import datasets
 import pytest
 
-import datasets
 from lmm.data import DataConfig, build_loader
 from lmm.data.video import write_video
 
