@@ -123,9 +123,8 @@ def test_generate_chat_and_server_agree_after_reload(trained, reloaded):
         )
         chat[path.name] = reloaded.chat(msgs, max_new_tokens=TOKENS)
         assert via_generate == chat[path.name]
-    # the trained bridge reads the video (a tiny random Whisper's features barely separate two clips, so the audio
-    # side of "the answer depends on the clip" is shown with real Whisper weights by examples/spoken_words.py and
-    # at the logit level by tests/test_media_inference.py)
+    # the trained bridge reads the video (a tiny random Whisper's features barely separate two clips; the audio side of
+    # "the answer depends on the clip" is tests/test_audio_answers.py, with Whisper tiny.en's real encoder)
     assert chat["clip0.mp4"] != chat["clip1.mp4"]
 
     port = free_port()
