@@ -79,10 +79,18 @@ def browser(tmp_path_factory):
 
 
 def bot_texts(driver) -> list[str]:
+    """The answer bubbles' texts; read again when the page re-renders a bubble while it is being read (the chat
+    panel replaces its elements as it streams and when it is cleared)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    bubbles = driver.find_elements(By.CSS_SELECTOR, '#lmm-chat [data-testid="bot"]')
-    return [e.get_attribute("innerText").strip() for e in bubbles]
+    for _ in range(20):
+        try:
+            bubbles = driver.find_elements(By.CSS_SELECTOR, '#lmm-chat [data-testid="bot"]')
+            return [e.get_attribute("innerText").strip() for e in bubbles]
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError("the chat panel kept re-rendering its answer bubbles")
 
 
 def ask(driver, text: str, n_answers: int, timeout: float = 90) -> str:
