@@ -166,6 +166,16 @@ def load_media(model, path: str | Path, kind: str):
         raise ValueError(f"cannot use {path.name}: {e}") from None
 
 
+def check_audio_length(model, modality: str, wave) -> None:
+    """A ValueError (the encoder's, naming its limit) for a decoded clip longer than the encoder takes: from the
+    sample count where the encoder has `check_length`, else by preprocessing it."""
+    encoder = model.encoders[modality]
+    if hasattr(encoder, "check_length"):
+        encoder.check_length(len(wave))
+    else:
+        encoder.preprocess(wave)
+
+
 def _markers(model) -> dict[str, str]:
     """marker text -> kind ("image", "video" or an encoder modality)."""
     out = {IMAGE_TOKEN: "image"}

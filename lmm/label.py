@@ -44,7 +44,7 @@ from lmm.data.formats import IMAGE_KEYS, TOO_LARGE_KEY
 from lmm.data.media import decode_image, max_member_bytes
 from lmm.data.sources import expand_paths, read_tar
 from lmm.data.video import VIDEO_EXTENSIONS
-from lmm.inputs import VIDEO_MARKER, Audio, Video
+from lmm.inputs import VIDEO_MARKER, Audio, Video, check_audio_length
 from lmm.tokens import IMAGE_TOKEN
 
 logger = logging.getLogger("lmm.label")
@@ -283,7 +283,7 @@ def audio_media(record: dict, key: str, media_key: str | None, model) -> list:
     data = _member(record, key, media_key, AUDIO_EXTENSIONS, "audio")
     wave = decode_audio(data, sampling_rate=rate)
     try:
-        model.encoders["audio"].preprocess(wave)  # more windows than the encoder takes: a counted skip, not a crash
+        check_audio_length(model, "audio", wave)  # more windows than the encoder takes: a counted skip, not a crash
     except ValueError as e:
         raise BadSample("audio_too_long", str(e)[:200], key) from None
     return [Audio(wave, rate)]

@@ -21,7 +21,6 @@ HELP_TEXT = """Commands:
   /quit           leave (Ctrl-D too)
 Ctrl-C stops the answer being written (the part shown stays in the history) without leaving."""
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 _MENTION = re.compile(r'@"([^"]+)"|@(\S+)')
 PROMPT = "you> "
 ANSWER = "assistant> "

@@ -70,6 +70,19 @@ class AudioEncoder(nn.Module):
             with torch.no_grad():
                 self.tokens_per_chunk = self.forward(self.preprocess(np.zeros(self.chunk_samples, np.float32))).shape[1]
 
+    def check_length(self, n_samples: int) -> int:
+        """The number of windows of a clip of `n_samples` samples; a ValueError naming the limit when it is more
+        than `max_chunks` (cheap: callers check a clip before anything is computed from it)."""
+        n = math.ceil(n_samples / self.chunk_samples)
+        if n > self.max_chunks:
+            window = self.chunk_samples / self.sampling_rate
+            raise ValueError(
+                f"an audio clip of {n_samples / self.sampling_rate:.1f} s is {n} windows of {window:g} s, more than "
+                f"{self.where}.max_chunks={self.max_chunks} (at most {self.max_chunks * window:g} s); raise "
+                "max_chunks (and bridge.perceiver.max_frames with it) or split the clip (nothing is truncated)"
+            )
+        return n
+
     def preprocess(self, waveform) -> torch.Tensor:
         """Mono samples (n,) at `sampling_rate` (lmm.data.audio.decode_audio) -> features (chunks, ...)."""
         x = np.asarray(waveform.detach().cpu() if hasattr(waveform, "detach") else waveform, dtype=np.float32)
@@ -78,14 +91,7 @@ class AudioEncoder(nn.Module):
                 f"audio preprocess takes mono samples (n,) at {self.sampling_rate} Hz, got shape {x.shape}; "
                 "decode files with lmm.data.audio.decode_audio(value, encoder.sampling_rate)"
             )
-        n = math.ceil(x.size / self.chunk_samples)
-        if n > self.max_chunks:
-            window = self.chunk_samples / self.sampling_rate
-            raise ValueError(
-                f"an audio clip of {x.size / self.sampling_rate:.1f} s is {n} windows of {window:g} s, more than "
-                f"{self.where}.max_chunks={self.max_chunks} (at most {self.max_chunks * window:g} s); raise "
-                "max_chunks (and bridge.perceiver.max_frames with it) or split the clip (nothing is truncated)"
-            )
+        n = self.check_length(x.size)
         x = np.pad(x, (0, n * self.chunk_samples - x.size))  # silence after the clip, as Whisper pads
         chunks = list(x.reshape(n, self.chunk_samples))
         feats = self.feature_extractor(chunks, sampling_rate=self.sampling_rate, return_tensors="pt")

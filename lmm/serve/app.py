@@ -87,14 +87,14 @@ def create_app(
     def check_audio(media: list) -> None:
         """A clip the audio encoder refuses (e.g. longer than its max_chunks) is the client's 400, found here
         rather than inside a batch; a model without an audio encoder refuses audio parts."""
-        from lmm.inputs import Audio, audio_items
+        from lmm.inputs import Audio, check_audio_length
 
         for item in media:
             if isinstance(item, Audio):
                 if audio is None:
                     raise bad_request("this model has no audio encoder; send text, images or video", "invalid_audio")
                 try:
-                    audio_items(model, "audio", item)
+                    check_audio_length(model, "audio", item.value)  # decoded at the encoder's rate
                 except ValueError as e:
                     raise bad_request(str(e)[:500], "invalid_audio", "messages") from None
 
