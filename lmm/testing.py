@@ -220,6 +220,30 @@ def tiny_lmm(
     return model
 
 
+def reference_greedy(out, mask, step, max_new_tokens: int, stop, never) -> list[list[int]]:
+    """Another framework's greedy loop, as its own generate runs it, for parity tests: `out` is the prefill's output,
+    `step(next_ids (B, 1), mask (B, T+1), out) -> out` one cached step; `never` columns (lmm never emits media
+    markers) are out of the argmax; each row ends at (and excludes) its first token in `stop`."""
+    import torch
+
+    rows: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    done = [False] * mask.shape[0]
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        logits[:, never] = float("-inf")
+        nxt = logits.argmax(-1, keepdim=True)
+        for b, t in enumerate(nxt[:, 0].tolist()):
+            if not done[b]:
+                done[b] = t in stop
+                if not done[b]:
+                    rows[b].append(t)
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        out = step(nxt, mask, out)
+    return rows
+
+
 def sine_wave(freq: float, seconds: float = 1.0, rate: int = 16000, amplitude: float = 0.3):
     """A pure tone as float32 samples (n,): a clip with a known spectrum for audio tests."""
     import numpy as np

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from lmm.testing import TINY_VIT, tiny_lm_config, tiny_tokenizer
+from lmm.testing import TINY_VIT, reference_greedy, tiny_lm_config, tiny_tokenizer
 
 LAYERS_ATTR = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks"}
 
@@ -110,30 +110,20 @@ def of_greedy(model, ids, mask, pixels, max_new_tokens: int, stop_ids: set[int],
     lang._use_cached_vision_x = True
     try:
         res = lang(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
-        rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
-        done = [False] * ids.shape[0]
-        for _ in range(max_new_tokens):
-            logits = res.logits[:, -1].float()
-            logits[:, never] = float("-inf")
-            nxt = logits.argmax(-1, keepdim=True)
-            for b, t in enumerate(nxt[:, 0].tolist()):
-                if not done[b]:
-                    if t in stop_ids:
-                        done[b] = True
-                    else:
-                        rows[b].append(t)
-            if all(done):
-                break
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            pos = mask.long().sum(-1, keepdim=True) - 1
-            res = lang(
+        return reference_greedy(
+            res,
+            mask,
+            lambda nxt, m, res: lang(
                 input_ids=nxt,
-                attention_mask=mask,
-                position_ids=pos,
+                attention_mask=m,
+                position_ids=m.long().sum(-1, keepdim=True) - 1,
                 past_key_values=res.past_key_values,
                 use_cache=True,
-            )
+            ),
+            max_new_tokens,
+            stop_ids,
+            never,
+        )
     finally:
         lang._use_cached_vision_x = False
         lang.clear_conditioned_layers()
-    return rows

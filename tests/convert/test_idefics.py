@@ -15,7 +15,7 @@ from lmm.config import ConfigError
 from lmm.convert.idefics import convert_idefics
 from lmm.generation import GenerationConfig, generate_ids, prepare_inputs
 from lmm.model import LMM
-from lmm.testing import tiny_tokenizer
+from lmm.testing import reference_greedy, tiny_tokenizer
 
 IMG = "<fake_token_around_image><image><fake_token_around_image>"
 PROMPTS = [f"{IMG}a photo of a red circle{IMG}what shape", f"what color{IMG}the answer is"]
@@ -100,28 +100,17 @@ def ref_logits(model, ids, mask, pix, image_id):
 def ref_greedy(model, ids, mask, pix, image_id, n, stop, never):
     imask = image_mask(ids, image_id, pix.shape[1])
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, image_attention_mask=imask, use_cache=True)
-    rows, done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
-    for _ in range(n):
-        logits = out.logits[:, -1].float()
-        logits[:, never] = float("-inf")
-        nxt = logits.argmax(-1, keepdim=True)
-        for b, t in enumerate(nxt[:, 0].tolist()):
-            if not done[b]:
-                done[b] = t in stop
-                if not done[b]:
-                    rows[b].append(t)
-        if all(done):
-            break
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        out = model(
+    step = (
+        lambda nxt, m, out: model(  # noqa: E731
             input_ids=nxt,
-            attention_mask=mask,
+            attention_mask=m,
             pixel_values=pix,
             image_attention_mask=imask[:, -1:],
             past_key_values=out.past_key_values,
             use_cache=True,
         )
-    return rows
+    )
+    return reference_greedy(out, mask, step, n, stop, never)
 
 
 @pytest.mark.parametrize("alpha_type,qk,interval", [("vector", True, 2), ("float", False, 1)])

@@ -14,7 +14,7 @@ from lmm.config import ConfigError
 from lmm.convert.llava import convert_llava
 from lmm.generation import GenerationConfig, generate_ids, prepare_inputs
 from lmm.model import LMM
-from lmm.testing import tiny_lm_config, tiny_tokenizer
+from lmm.testing import reference_greedy, tiny_lm_config, tiny_tokenizer
 
 PROMPTS = ["<image>a photo of a red circle<image>what shape", "what color<image>the answer is"]
 PATCHES = 16  # 32 px / 8 px patches
@@ -86,27 +86,14 @@ def hf_greedy(model, ids, mask, pixels, n, stop, never):
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
         use_cache=True,
     )
-    rows, done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
-    for _ in range(n):
-        logits = out.logits[:, -1].float()
-        logits[:, never] = float("-inf")
-        nxt = logits.argmax(-1, keepdim=True)
-        for b, t in enumerate(nxt[:, 0].tolist()):
-            if not done[b]:
-                done[b] = t in stop
-                if not done[b]:
-                    rows[b].append(t)
-        if all(done):
-            break
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        out = model(
-            input_ids=nxt,
-            attention_mask=mask,
-            position_ids=mask.sum(-1, keepdim=True) - 1,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-    return rows
+    step = lambda nxt, m, out: model(  # noqa: E731
+        input_ids=nxt,
+        attention_mask=m,
+        position_ids=m.sum(-1, keepdim=True) - 1,
+        past_key_values=out.past_key_values,
+        use_cache=True,
+    )
+    return reference_greedy(out, mask, step, n, stop, never)
 
 
 def check_parity(hf, model, k):
