@@ -23,15 +23,29 @@ STAGE1_FILE = "qformer.safetensors"
 
 
 def wordpiece_tokenizer(texts, vocab_size: int = 2000):
-    """A BERT-style (lower-cased WordPiece) `PreTrainedTokenizerFast` trained on `texts` in memory, with [DEC]."""
-    from tokenizers import BertWordPieceTokenizer
+    """A BERT-style (lower-cased WordPiece) `PreTrainedTokenizerFast` over `texts`, with [DEC]; built in memory.
+
+    The vocabulary is the specials, every character seen (alone and as a `##` continuation) and then whole words
+    by frequency (ties alphabetical) up to `vocab_size`; rarer words are spelled in pieces. It is the same on every
+    run for the same captions: the `tokenizers` WordPiece trainer breaks ties in hash order, so two runs of one
+    config would otherwise train on different token ids."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    wp = BertWordPieceTokenizer(lowercase=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", DEC_TOKEN]
-    wp.train_from_iterator(list(texts), vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    vocab = specials + chars + [f"##{c}" for c in chars]
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += ranked[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = norm, pre, decoders.WordPiece()
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab.index("[SEP]")), ("[CLS]", vocab.index("[CLS]")))
     return PreTrainedTokenizerFast(
-        tokenizer_object=wp._tokenizer,
+        tokenizer_object=tok,
         pad_token="[PAD]",
         unk_token="[UNK]",
         cls_token="[CLS]",

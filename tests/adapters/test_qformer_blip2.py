@@ -163,3 +163,20 @@ def test_text_side_is_exactly_the_bert_it_was_initialised_from(tmp_path):
     assert load_bert_weights(stage2, tmp_path) > 0 and stage2.word_embeddings is None
     assert torch.equal(stage2.layers[1].attention.query.weight, bert.encoder.layer[1].attention.self.query.weight)
     assert torch.equal(stage2.layers[0].ffn_query.dense_out.weight, bert.encoder.layer[0].output.dense.weight)
+
+
+def test_caption_tokenizer_is_the_same_on_every_build_and_bert_shaped():
+    """Without a BERT folder the stage-1 tokenizer is built from the captions: the same captions in any order give
+    the same ids (the tokenizers trainer did not: ties went by hash order), BERT's [CLS] ... [SEP] layout, and a
+    word beyond the vocabulary spelled in ## pieces rather than lost."""
+    from lmm.blip2 import DEC_TOKEN, qformer_tokenizer
+
+    caps = ["a red circle", "a blue square", "a red square", "A green Triangle.", "a blue circle"]
+    one, two = qformer_tokenizer(texts=caps, vocab_size=40), qformer_tokenizer(texts=caps[::-1], vocab_size=40)
+    assert one.get_vocab() == two.get_vocab()
+    enc = one(["a red circle", "a red tribe"]).input_ids  # "tribe": unseen, its letters seen
+    assert enc == two(["a red circle", "a red tribe"]).input_ids
+    assert one.convert_ids_to_tokens(enc[0]) == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    assert one.bos_token == DEC_TOKEN and one.pad_token_id == 0
+    assert one.convert_ids_to_tokens(enc[1])[1:-1] == ["a", "red", "t", "##r", "##i", "##b", "##e"]
+    assert one.decode(enc[1], skip_special_tokens=True) == "a red tribe"

@@ -15,7 +15,7 @@ from lmm.training.qformer_pretrain import QFormerPretrainConfig, pretrain
 
 COLOURS = {"red": (230, 30, 30), "blue": (30, 60, 230), "green": (30, 180, 40), "yellow": (240, 220, 20)}
 SHAPES = ("circle", "square", "triangle")
-QF = dict(variant="blip2", num_queries=4, depth=2, hidden=16, heads=2, cross_every=2, max_text_len=16, embed_dim=16)
+QF = dict(variant="blip2", num_queries=4, depth=2, hidden=32, heads=2, cross_every=2, max_text_len=16, embed_dim=16)
 
 
 def write_pairs(folder, per_concept: int, seed: int):
@@ -44,7 +44,7 @@ def stage1_config(root, steps: int, **kw) -> QFormerPretrainConfig:
     return QFormerPretrainConfig(
         vision=tiny_vision_config(),
         qformer=QFormerConfig(**QF),
-        data=str(write_pairs(root / "train", 16, 0)),
+        data=str(write_pairs(root / "train", 48, 0)),
         output_dir=str(root / "stage1"),
         steps=steps,
         batch_size=32,
@@ -57,7 +57,9 @@ def stage1_config(root, steps: int, **kw) -> QFormerPretrainConfig:
 
 def test_stage1_learns_retrieval_and_matching_on_held_out_images(tmp_path):
     cfg = stage1_config(tmp_path, 600, eval_data=str(write_pairs(tmp_path / "held_out", 3, 1)))
-    metrics = pretrain(cfg)  # 600 steps: ITM leaves its class-prior plateau after a few hundred
+    # 600 steps: ITM leaves its class-prior plateau after a few hundred. Held-out ITM accuracy at this size was
+    # 0.68-0.78 over seeds 0-1 and 1-2 threads (the tokenizer is deterministic; float noise is not)
+    metrics = pretrain(cfg)
     ev = metrics["eval"]
     assert ev["chance_top1"] == pytest.approx(1 / 12)
     assert ev["i2t_top1"] >= 4 * ev["chance_top1"] and ev["t2i_top1"] >= 4 * ev["chance_top1"], ev
