@@ -11,7 +11,9 @@ embeddings too, as its factory does by default. Its `generate()` fails on transf
 gets no attention_mask), so its decoding runs the way `generate` would: media encoded once (cached-media mode),
 then a plain greedy loop over its language model with the KV cache. Runs alternate (lmm, OF, lmm, OF ...);
 medians are reported. Prints one JSON line with both sides and the ratios (lmm speed / OpenFlamingo speed):
-lmm decodes with its default dynamic KV cache and, as `lmm_static`, with a preallocated StaticCache. `matmul_floor`
+lmm decodes with its default dynamic KV cache, as `lmm_static` with a preallocated StaticCache and as
+`lmm_compiled` with `compile=True` (the decode step torch.compile'd over a static cache; `compile_s` is the first
+call, which compiles; the timed calls reuse the graph). `matmul_floor`
 is lmm's decode step reduced to its matrix products alone (every weight it reads, on the same rows, nothing
 else), and `speedup_bound` OpenFlamingo's time per token over that floor: the ratio lmm would reach if
 everything but its matmuls took no time. `prefill_ms` is lmm's media encoding + prompt + first token, and
@@ -173,6 +175,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the lmm_compiled variant (eager: dynamo's captured graph, no codegen)",
+    )
+    ap.add_argument(
         "--dtype",
         choices=("auto", "fp32", "bf16"),
         default="auto",
@@ -200,6 +207,7 @@ def main() -> None:
         "device": dev,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
         "threads": args.threads,
+        "compile_backend": args.compile_backend,
         "frozen_dtype": str(low).removeprefix("torch."),
         "trainable_params_m": {
             "lmm": sum(p.numel() for p in ours.trainable_parameters()) / 1e6,
@@ -243,10 +251,11 @@ def main() -> None:
     ours.eval()
     peer.eval()
     n_new = s["new_tokens"]
+    backend = True if args.compile_backend == "inductor" else args.compile_backend
 
     @torch.no_grad()
-    def decode_ours(ids, mask, pix, cache="dynamic", new_tokens=n_new):
-        cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_end_of_chunk=False, cache=cache)
+    def decode_ours(ids, mask, pix, cache="dynamic", new_tokens=n_new, compile=False):
+        cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_end_of_chunk=False, cache=cache, compile=compile)
         with amp:
             toks = list(decode_steps(ours, ids, mask, pix, cfg=cfg))
         return torch.stack(toks, 1)
@@ -272,19 +281,27 @@ def main() -> None:
         ids, mask, pix = batch(s, media_id, eoc_id, dev, rows, s["prompt"] + 1, 1)
         dynamic = decode_ours(ids, mask, pix)  # warm-up
         static = decode_ours(ids, mask, pix, "static")
+        t0 = time.perf_counter()
+        compiled = decode_ours(ids, mask, pix, compile=backend)  # the first call per batch size compiles
+        out[f"decode_b{rows}_compile_s"] = time.perf_counter() - t0
         decode_peer(ids, mask, pix)
-        # fp32: the two caches must decode the same tokens; bf16 rounds differently over a padded static length
-        if not bf16 and not torch.equal(dynamic, static):
-            raise SystemExit("lmm's static and dynamic caches decoded different tokens")
-        out[f"decode_b{rows}_static_token_agreement"] = (dynamic == static).float().mean().item()
+        # fp32: every lmm variant must decode the same tokens; bf16 rounds differently over a padded static length
+        for name, toks in (("static", static), ("compiled", compiled)):
+            if not bf16 and not torch.equal(dynamic, toks):
+                raise SystemExit(f"lmm's {name} decoding gave other tokens than its dynamic-cache decoding")
+            out[f"decode_b{rows}_{name}_token_agreement"] = (dynamic == toks).float().mean().item()
         n_ours = dynamic.shape[1]
-        t_ours, t_static, t_peer = [], [], []
+        t_ours, t_static, t_compiled, t_peer = [], [], [], []
         for _ in range(args.repeats):
             t_ours.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix), dev))
             t_peer.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_peer(ids, mask, pix), dev))
             t_static.append(timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix, "static"), dev))
+            t_compiled.append(
+                timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix, compile=backend), dev)
+            )
         tps_ours = rows * n_ours / statistics.median(t_ours)
         tps_static = rows * n_ours / statistics.median(t_static)
+        tps_compiled = rows * n_ours / statistics.median(t_compiled)
         tps_peer = rows * n_new / statistics.median(t_peer)
         floor = matmul_floor(ours, rows, args.repeats)
         # media encoding + prefill + the first token (work both sides share, much of it the same vision encoder)
@@ -292,9 +309,15 @@ def main() -> None:
             timed(lambda ids=ids, mask=mask, pix=pix: decode_ours(ids, mask, pix, new_tokens=1), dev)
             for _ in range(args.repeats)
         )
-        out[f"decode_b{rows}_tokens_per_s"] = {"lmm": tps_ours, "lmm_static": tps_static, "openflamingo": tps_peer}
+        out[f"decode_b{rows}_tokens_per_s"] = {
+            "lmm": tps_ours,
+            "lmm_static": tps_static,
+            "lmm_compiled": tps_compiled,
+            "openflamingo": tps_peer,
+        }
         out[f"decode_b{rows}_speedup"] = tps_ours / tps_peer
         out[f"decode_b{rows}_static_speedup"] = tps_static / tps_peer
+        out[f"decode_b{rows}_compiled_speedup"] = tps_compiled / tps_peer
         out[f"decode_b{rows}_matmul_floor_ms"] = floor * 1e3
         out[f"decode_b{rows}_speedup_bound"] = (rows / tps_peer) / floor
         out[f"decode_b{rows}_prefill_ms"] = first * 1e3

@@ -22,10 +22,10 @@ from lmm.generation import GenerationConfig, decode_steps  # noqa: E402
 
 
 def timed_decode(
-    model, ids, mask, pix, new_tokens: int, device: str, cache: str = "dynamic"
+    model, ids, mask, pix, new_tokens: int, device: str, cache: str = "dynamic", compile: bool = False
 ) -> tuple[float, float, int]:
     """(seconds to the first token, seconds for all tokens, tokens generated); only EOS stops a row early."""
-    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_end_of_chunk=False, cache=cache)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_end_of_chunk=False, cache=cache, compile=compile)
     sync(device)
     t0 = time.perf_counter()
     first = None
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="the decode loop's KV cache")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     args = ap.parse_args()
     shape = get_shape(args.shape)
     model = build(shape, args.device).eval()
@@ -59,18 +60,18 @@ def main() -> None:
         pix = torch.randn(B, 1, 1, 3, shape.image_size, shape.image_size, generator=g)
         return ids.to(args.device), torch.ones_like(ids).to(args.device), pix.to(args.device)
 
-    single = [
-        timed_decode(model, *inputs(1), args.new_tokens, args.device, args.cache) for _ in range(args.repeats + 1)
-    ][1:]
+    run = lambda B: timed_decode(model, *inputs(B), args.new_tokens, args.device, args.cache, args.compile)  # noqa: E731
+    single = [run(1) for _ in range(args.repeats + 1)][1:]  # the first call warms up (and compiles)
     ttft = statistics.median(s[0] for s in single)
     decode_tps = statistics.median((s[2] - 1) / (s[1] - s[0]) for s in single)
-    batched = [timed_decode(model, *inputs(args.batch), args.new_tokens, args.device, args.cache) for _ in range(2)][1:]
+    batched = [run(args.batch) for _ in range(2)][1:]
     out = {
         "bench": "generate",
         "shape": args.shape,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "cache": args.cache,
+        "compile": args.compile,
         "ttft_s": ttft,
         "decode_tokens_per_s_b1": decode_tps,
         "tokens_generated_b1": single[0][2],

@@ -12,6 +12,7 @@ Checks (each in its own process, with its own timeout, so one failure or hang do
   qlora        a saved model directory restarted with LoRA over a 4-bit LM (the instruct_lora.yaml route;
                without CUDA + bitsandbytes the same route over a full-precision LM)
   train_3b, train_3b_lowmem, generate_3b    bench/train_step.py and bench/generate.py at the 3b shape
+  generate_3b_compiled   bench/generate.py --compile (the decode step torch.compile'd, CUDA graphs)
   memory_model the analytic estimate for the same shape (bench/memory_model.py), beside the measured peaks
 """
 
@@ -37,10 +38,17 @@ CHECKS = [
     "adamw8bit",
     "train_3b",
     "generate_3b",
+    "generate_3b_compiled",
     "train_3b_lowmem",
     "memory_model",
 ]
-TIMEOUT_S = {"pytest_gpu": 120, "train_3b": 120, "train_3b_lowmem": 120, "generate_3b": 100}  # others: 75 s
+TIMEOUT_S = {
+    "pytest_gpu": 120,
+    "train_3b": 120,
+    "train_3b_lowmem": 120,
+    "generate_3b": 100,
+    "generate_3b_compiled": 180,  # compiles once per batch size (1 and 32); CUDA graphs
+}  # others: 75 s
 
 
 class Skip(Exception):
@@ -305,6 +313,9 @@ RUNNERS = {
         d, "train_step.py", "--steps", "5", "--grad-checkpointing", *(["--eight-bit"] if d == "cuda" else [])
     ),
     "generate_3b": lambda d: _script(d, "generate.py", "--new-tokens", "64", "--batch", "32", "--repeats", "2"),
+    "generate_3b_compiled": lambda d: _script(
+        d, "generate.py", "--new-tokens", "64", "--batch", "32", "--repeats", "2", "--compile"
+    ),
 }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lmm.decode_cache import check_cache_kind, new_cache
+from lmm.decode_cache import COMPILE_BUCKET, check_cache_kind, new_cache, step_forward
 from lmm.inputs import encode_batch_media, load_images, prepare_inputs  # noqa: F401 (re-exported)
 
 
@@ -29,6 +29,9 @@ class GenerationConfig:
     seed: int | None = None
     use_cache: bool = True
     cache: str = "dynamic"  # or "static": transformers' StaticCache, preallocated and written in place
+    # torch.compile the decode step (True = inductor, or a torch.compile backend); implies cache="static". Greedy
+    # and sampled decoding; the first call per batch size compiles (tens of seconds on a CPU)
+    compile: object = False
 
 
 def _split_kwargs(kwargs: dict) -> tuple[GenerationConfig, dict]:
@@ -104,11 +107,16 @@ def decode_steps(
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
     media_count = model.media_token_mask(input_ids).sum(1)
     check_cache_kind(cfg.cache)
+    compiled = bool(cfg.compile) and cfg.use_cache
+    step_model = step_forward(model, cfg.compile if compiled else False)
     with _autocast(model):
         if media is None and pixel_values is not None:
             media = model.encode_media(pixel_values.to(dev), frame_mask)
         media_kv = {} if cfg.use_cache else None  # media keys/values projected once, reused by every step
-        cache = new_cache(model, cfg.cache, input_ids, media, cfg.max_new_tokens) if cfg.use_cache else None
+        cache = None
+        if cfg.use_cache:
+            kind, bucket = ("static", COMPILE_BUCKET) if compiled else (cfg.cache, 1)
+            cache = new_cache(model, kind, input_ids, media, cfg.max_new_tokens, bucket)
         out = model(
             input_ids,
             None if unpadded else attention_mask,
@@ -137,9 +145,12 @@ def decode_steps(
             if step + 1 == cfg.max_new_tokens:
                 return
             if cfg.use_cache:  # the prefill checked the `<image>` counts: steps skip that host sync
-                out = model(
+                step_mask = None if unpadded else mask[:, : T0 + step + 1]
+                if compiled and step_mask is not None:
+                    torch._dynamo.mark_dynamic(step_mask, 1)  # one graph for every step's mask length
+                out = step_model(
                     nxt[:, None],
-                    None if unpadded else mask[:, : T0 + step + 1],
+                    step_mask,
                     media=media,
                     position_ids=positions[:, step : step + 1] if unpadded else None,
                     past_key_values=out.past_key_values,
@@ -260,6 +271,8 @@ def generate_ids(model, batch: dict, cfg: GenerationConfig) -> list[list[int]]:
     if cfg.num_beams > 1:
         if cfg.do_sample:
             raise ValueError("beam search with sampling is not supported; set do_sample=False or num_beams=1")
+        if cfg.compile:
+            raise ValueError("compile applies to greedy and sampled decoding; set num_beams=1 or compile=False")
         with _autocast(model):
             media = encode_batch_media(model, batch)
         return beam_search(model, batch["input_ids"], batch["attention_mask"], cfg=cfg, media=media)

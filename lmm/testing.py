@@ -374,6 +374,18 @@ def tiny_train_config(tmp_path, **kw):
     return TrainConfig.from_dict(d)
 
 
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as is (no codegen) and counts the graphs it was given:
+    how many times a compiled function compiled."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
 class HostSyncCounter:
     """Counts the operations that make the host wait for a tensor's values (`.item()`, `bool(t)`, `int(t)`,
     `.tolist()`, `nonzero`, boolean indexing, `masked_select`): on a GPU each is a device sync. Works on the CPU,

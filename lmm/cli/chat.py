@@ -254,11 +254,16 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
         seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
+        compile: bool = typer.Option(
+            False, "--compile", help="torch.compile the decode step (static KV cache); the first answer compiles."
+        ),
     ):
         sample = temperature > 0
         gen = dict(
             do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0, seed=seed
         )
+        if compile:
+            gen["compile"] = True
         from lmm.generation import load_images
 
         try:  # check the images before loading a (possibly large) model

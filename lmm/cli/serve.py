@@ -104,6 +104,11 @@ def register(app: typer.Typer) -> None:
         max_connections: int = typer.Option(
             256, "--max-connections", min=1, help="Most open connections; more get a 503 and are closed."
         ),
+        compile: bool = typer.Option(
+            False,
+            "--compile",
+            help="torch.compile the decode step over a static KV cache; each batch size compiles on first use.",
+        ),
     ):
         try:
             import uvicorn  # noqa: F401  (fail early, before loading the model)
@@ -145,6 +150,7 @@ def register(app: typer.Typer) -> None:
             max_wait_ms=batch_wait_ms,
             default_max_tokens=max_tokens,
             limits=limits,
+            decode={"compile": True} if compile else None,
         )
         typer.echo(f"lmm serve: model {name!r} on http://{host}:{port}/v1", err=True)
         run(

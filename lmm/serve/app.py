@@ -60,8 +60,10 @@ def create_app(
     max_wait_ms: float = 10.0,
     default_max_tokens: int = 256,
     limits: Limits | None = None,
+    decode: dict | None = None,
 ):
-    """A FastAPI app serving `model` under `model_name`; one `Batcher` worker owns the model."""
+    """A FastAPI app serving `model` under `model_name`; one `Batcher` worker owns the model. `decode`: generation
+    options of the server, not of a request (e.g. {"compile": True})."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -98,12 +100,15 @@ def create_app(
                 except ValueError as e:
                     raise bad_request(str(e)[:500], "invalid_audio", "messages") from None
 
+    server_options = dict(decode or {})
+
     def generate(conversations, settings):
-        return model.chat(conversations, **settings.kwargs())
+        return model.chat(conversations, **settings.kwargs(), **server_options)
 
     def stream(conversation, settings):
         prompt, images = model.render_chat(conversation)  # as model.chat renders it (default system prompt)
-        return model.stream(prompt, images, add_special_tokens=False, stop_at_end_of_chunk=False, **settings.kwargs())
+        kwargs = {**settings.kwargs(), **server_options}
+        return model.stream(prompt, images, add_special_tokens=False, stop_at_end_of_chunk=False, **kwargs)
 
     batcher = Batcher(generate, stream, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
 
