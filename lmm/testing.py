@@ -458,3 +458,59 @@ def saved_activation_bytes(model, step) -> int:
         loss = step()
     loss.backward()
     return total
+
+
+# Coloured discs and their captions: the image-text pairs of the contrastive and matching tests.
+DISC_COLOURS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (30, 40, 230),
+    "yellow": (240, 230, 20),
+    "white": (250, 250, 250),
+    "black": (5, 5, 5),
+    "purple": (140, 20, 200),
+    "orange": (250, 140, 0),
+}
+DISC_CAPTIONS = [f"a {c} disc" for c in DISC_COLOURS]
+DISC_BOXES = ([4, 4, 28, 28], [2, 10, 20, 28], [10, 2, 28, 20], [7, 7, 25, 25])
+
+
+def disc_pictures(style: int = 0):
+    """One 32 px disc per DISC_COLOURS entry on grey, drawn in box DISC_BOXES[style] (a small shift per colour)."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i, rgb in enumerate(DISC_COLOURS.values()):
+        im = Image.new("RGB", (32, 32), (128, 128, 128))
+        x0, y0, x1, y1 = DISC_BOXES[style]
+        ImageDraw.Draw(im).ellipse([x0, y0 + i % 3, x1, y1 - i % 2], fill=rgb)
+        out.append(im)
+    return out
+
+
+def pair_batch(model, images, captions) -> dict:
+    """Pair rows "<image>caption<|endofchunk|>" with labels on the caption, as the data pipeline makes them."""
+    from lmm.data.formats import MediaRef
+    from lmm.data.packing import Encoded, collate
+    from lmm.data.text import encode_document
+
+    enc = [encode_document([MediaRef(None), c], model.tokenizer) for c in captions]
+    batch = collate([Encoded(e.input_ids, e.labels) for e in enc], model.tokenizer.pad_token_id)
+    batch.pop("pixel_values"), batch.pop("task_ids")
+    return {**batch, "pixel_values": model.pixel_values(images)[:, None, None]}
+
+
+def sibling_module(test_file: str, name: str):
+    """The module `name`.py beside `test_file`, imported once per process (pytest's importlib mode puts no test
+    folder on sys.path): shared test helpers such as tests/convert/openflamingo_oracle.py."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    key = f"lmm_tests_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(test_file).with_name(f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]

@@ -6,42 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from lmm.config import ConfigError
-from lmm.testing import ListSource, tiny_lmm, tiny_train_config
-
-COLOURS = {
-    "red": (230, 20, 20),
-    "green": (20, 200, 40),
-    "blue": (30, 40, 230),
-    "yellow": (240, 230, 20),
-    "white": (250, 250, 250),
-    "black": (5, 5, 5),
-    "purple": (140, 20, 200),
-    "orange": (250, 140, 0),
-}
-
-
-def pictures():
-    out = []
-    for i, rgb in enumerate(COLOURS.values()):
-        im = Image.new("RGB", (32, 32), (128, 128, 128))
-        ImageDraw.Draw(im).ellipse([4, 4 + i % 3, 28, 28], fill=rgb)
-        out.append(im)
-    return out
-
-
-def pair_batch(model, images, captions):
-    """Pair rows "<image>caption<|endofchunk|>" with labels on the caption, as the data pipeline makes them."""
-    from lmm.data.formats import MediaRef
-    from lmm.data.packing import Encoded, collate
-    from lmm.data.text import encode_document
-
-    enc = [encode_document([MediaRef(None), c], model.tokenizer) for c in captions]
-    batch = collate([Encoded(e.input_ids, e.labels) for e in enc], model.tokenizer.pad_token_id)
-    batch.pop("pixel_values"), batch.pop("task_ids")
-    return {**batch, "pixel_values": model.pixel_values(images)[:, None, None]}
+from lmm.testing import DISC_COLOURS as COLOURS
+from lmm.testing import ListSource, pair_batch, tiny_lmm, tiny_train_config
+from lmm.testing import disc_pictures as pictures
 
 
 def test_loss_is_info_nce_of_pooled_media_and_the_lms_own_text_only_states():

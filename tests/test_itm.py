@@ -4,49 +4,12 @@ hard negatives from matches, `LMM.match` re-ranks, the head saves, the trainer w
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from lmm.config import ConfigError
 from lmm.losses import itm_candidates, sample_negatives
-from lmm.testing import ListSource, tiny_lmm, tiny_train_config
-
-COLOURS = {
-    "red": (230, 20, 20),
-    "green": (20, 200, 40),
-    "blue": (30, 40, 230),
-    "yellow": (240, 230, 20),
-    "white": (250, 250, 250),
-    "black": (5, 5, 5),
-    "purple": (140, 20, 200),
-    "orange": (250, 140, 0),
-}
-CAPTIONS = [f"a {c} disc" for c in COLOURS]
-
-
-BOXES = ([4, 4, 28, 28], [2, 10, 20, 28], [10, 2, 28, 20], [7, 7, 25, 25])  # the last: held out
-
-
-def pictures(style: int = 0):
-    """One disc per colour, drawn in box `style` (with a small shift per colour)."""
-    out = []
-    for i, rgb in enumerate(COLOURS.values()):
-        im = Image.new("RGB", (32, 32), (128, 128, 128))
-        x0, y0, x1, y1 = BOXES[style]
-        ImageDraw.Draw(im).ellipse([x0, y0 + i % 3, x1, y1 - i % 2], fill=rgb)
-        out.append(im)
-    return out
-
-
-def pair_batch(model, images, captions):
-    """Pair rows "<image>caption<|endofchunk|>" with labels on the caption, as the data pipeline makes them."""
-    from lmm.data.formats import MediaRef
-    from lmm.data.packing import Encoded, collate
-    from lmm.data.text import encode_document
-
-    enc = [encode_document([MediaRef(None), c], model.tokenizer) for c in captions]
-    batch = collate([Encoded(e.input_ids, e.labels) for e in enc], model.tokenizer.pad_token_id)
-    batch.pop("pixel_values"), batch.pop("task_ids")
-    return {**batch, "pixel_values": model.pixel_values(images)[:, None, None]}
+from lmm.testing import DISC_CAPTIONS as CAPTIONS
+from lmm.testing import ListSource, pair_batch, tiny_lmm, tiny_train_config
+from lmm.testing import disc_pictures as pictures
 
 
 def test_negative_candidates_rule_entry_by_entry():

@@ -9,12 +9,19 @@ cache, position ids from the attention mask as HF's generation computes them for
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import pytest
 import torch
 
 from lmm.testing import TINY_VIT, reference_greedy, tiny_lm_config, tiny_tokenizer
 
+# the tests that need OpenFlamingo's own classes: `pytestmark = OF.NEEDS_OPENFLAMINGO`
+NEEDS_OPENFLAMINGO = pytest.mark.skipif(
+    importlib.util.find_spec("open_flamingo") is None or importlib.util.find_spec("einops_exts") is None,
+    reason="needs open-flamingo (pip install --no-deps open-flamingo einops einops-exts)",
+)
 LAYERS_ATTR = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks"}
 
 

@@ -4,9 +4,7 @@ lmm's logits (1e-4, fp32) and greedy tokens; models OpenFlamingo cannot hold are
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,23 +14,10 @@ from lmm.convert.export_openflamingo import export_openflamingo
 from lmm.convert.openflamingo import convert_openflamingo
 from lmm.generation import GenerationConfig, generate_ids, prepare_inputs
 from lmm.model import LMM
+from lmm.testing import sibling_module
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("open_flamingo") is None or importlib.util.find_spec("einops_exts") is None,
-    reason="needs open-flamingo (pip install --no-deps open-flamingo einops einops-exts)",
-)
-
-
-def _oracle_module():
-    spec = importlib.util.spec_from_file_location(
-        "openflamingo_oracle", Path(__file__).with_name("openflamingo_oracle.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-OF = _oracle_module()
+OF = sibling_module(__file__, "openflamingo_oracle")
+pytestmark = OF.NEEDS_OPENFLAMINGO
 PROMPTS = ["<image>a photo of a red circle<|endofchunk|><image>a photo of", "what shape<image>the answer is"]
 
 

@@ -4,7 +4,6 @@ tokens equal, for each decoder family OpenFlamingo's releases use (Llama, GPT-Ne
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import re
 
@@ -17,11 +16,7 @@ from lmm.config import ConfigError
 from lmm.convert.openflamingo import convert_openflamingo
 from lmm.generation import GenerationConfig, generate_ids, prepare_inputs
 from lmm.model import LMM
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("open_flamingo") is None or importlib.util.find_spec("einops_exts") is None,
-    reason="needs open-flamingo (pip install --no-deps open-flamingo einops einops-exts)",
-)
+from lmm.testing import sibling_module
 
 PROMPTS = [
     "<image>a photo of a red circle<|endofchunk|><image>a photo of",
@@ -34,17 +29,8 @@ def images(n: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rs.randint(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def _oracle_module():
-    import importlib.util as iu
-    from pathlib import Path
-
-    spec = iu.spec_from_file_location("openflamingo_oracle", Path(__file__).with_name("openflamingo_oracle.py"))
-    mod = iu.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-OF = _oracle_module()
+OF = sibling_module(__file__, "openflamingo_oracle")
+pytestmark = OF.NEEDS_OPENFLAMINGO
 
 
 @pytest.mark.parametrize("family,every,pad_token", [("llama", 2, False), ("gpt_neox", 1, False), ("mpt", 2, True)])

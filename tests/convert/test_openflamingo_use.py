@@ -4,7 +4,6 @@ the same rendered prompt; a LoRA fine-tune of it runs, saves and reloads."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,24 +16,13 @@ from typer.testing import CliRunner
 
 from lmm.generation import prepare_inputs
 from lmm.model import LMM
+from lmm.testing import sibling_module
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("open_flamingo") is None or importlib.util.find_spec("einops_exts") is None,
-    reason="needs open-flamingo (pip install --no-deps open-flamingo einops einops-exts)",
-)
 MAX_NEW = 10
 
 
-def _oracle_module():
-    spec = importlib.util.spec_from_file_location(
-        "openflamingo_oracle", Path(__file__).with_name("openflamingo_oracle.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-OF = _oracle_module()
+OF = sibling_module(__file__, "openflamingo_oracle")
+pytestmark = OF.NEEDS_OPENFLAMINGO
 
 
 @pytest.fixture(scope="module")

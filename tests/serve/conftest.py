@@ -72,3 +72,23 @@ def server(saved_model, image_dir, tmp_path_factory, request):
         yield {"url": base, "name": saved_model.name, "key": API_KEY, "pid": proc.pid}
     server_log = log.read_text()
     assert "Traceback" not in server_log, server_log
+
+
+@pytest.fixture
+def image_question():
+    """One user turn with a noise PNG and a question: (as `model.chat` takes it, as an OpenAI client sends it)."""
+    import base64
+    import io
+
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    local = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}]
+    wire = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}],
+        }
+    ]
+    return local, wire

@@ -1,33 +1,18 @@
 """Server-wide decoding options (`lmm serve --compile`) reach both the batched and the streamed path and leave the
 answers as they were."""
 
-import base64
-import io
 import json
 
-import numpy as np
-from PIL import Image
 
-
-def test_compiled_decoding_serves_the_same_answers():
+def test_compiled_decoding_serves_the_same_answers(image_question):
     from fastapi.testclient import TestClient
 
     from lmm.serve.app import create_app
     from lmm.testing import CountingBackend, tiny_lmm
 
     model = tiny_lmm(family="llama", bridge="flamingo", gates=1.0, seed=5)
-    image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    local = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}]
+    local, wire = image_question
     want = model.chat(local, max_new_tokens=6)
-    wire = [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}],
-        }
-    ]
     backend = CountingBackend()
     with TestClient(create_app(model, "m", decode={"compile": backend})) as client:
         body = {"model": "m", "messages": wire, "max_tokens": 6}

@@ -1,32 +1,17 @@
 """The app renders conversations exactly as `model.chat` does, including the model's default system prompt,
 on both the batched and the streamed path (the app in process, over real HTTP semantics via TestClient)."""
 
-import base64
-import io
 import json
 
-import numpy as np
-from PIL import Image
 
-
-def test_default_system_prompt_reaches_batched_and_streamed_answers():
+def test_default_system_prompt_reaches_batched_and_streamed_answers(image_question):
     from fastapi.testclient import TestClient
 
     from lmm.serve.app import create_app
     from lmm.testing import tiny_lmm
 
     model = tiny_lmm(family="llama", bridge="flamingo", gates=0.3, seed=5)
-    image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (32, 32, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    local = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}]
-    wire = [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}],
-        }
-    ]
+    local, wire = image_question
     without = model.chat(local, max_new_tokens=6)
     model.config.system_prompt = "You are a terse assistant that names shapes."
     want = model.chat(local, max_new_tokens=6)
