@@ -203,6 +203,9 @@ class ExtendedHead(nn.Module):
         w = base.weight.detach().float()
         init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.std() * 0.02)
+        # whether the new ids are exactly vocab_out - K ... vocab_out - 1, in order (read once, on the host)
+        k = len(new_ids)
+        self._appended_from = vocab_out - k if list(new_ids) == list(range(vocab_out - k, vocab_out)) else None
         # ids whose logits are -inf (`language.suppress_tokens`): set by the model after construction
         self.register_buffer(
             "suppressed", torch.zeros(0, dtype=torch.long, device=base.weight.device), persistent=False
@@ -210,11 +213,15 @@ class ExtendedHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)
-        if logits.shape[-1] < self.vocab_out:  # new ids beyond the frozen vocabulary
-            pad = logits.new_full((*logits.shape[:-1], self.vocab_out - logits.shape[-1]), float("-inf"))
-            logits = torch.cat([logits, pad], dim=-1)
         extra = (h.to(self.extra.dtype) @ self.extra.t()).to(logits.dtype)
-        logits = logits.index_copy(-1, self.new_ids, extra)
+        V = logits.shape[-1]
+        if self.appended(V):  # the usual case: the new ids follow the frozen vocabulary, in order
+            logits = torch.cat([logits, extra], dim=-1)  # one copy; its backward slices, copying nothing
+        else:
+            if V < self.vocab_out:  # new ids beyond the frozen vocabulary, not in order
+                pad = logits.new_full((*logits.shape[:-1], self.vocab_out - V), float("-inf"))
+                logits = torch.cat([logits, pad], dim=-1)
+            logits = logits.index_copy(-1, self.new_ids, extra)
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap is not None:
@@ -222,6 +229,11 @@ class ExtendedHead(nn.Module):
         if self.suppressed.numel():
             logits = logits.index_fill(-1, self.suppressed, float("-inf"))
         return logits
+
+
+    def appended(self, base_vocab: int) -> bool:
+        """Do the new rows' logits simply follow the base head's `base_vocab` logits?"""
+        return self._appended_from == base_vocab and self.vocab_out == base_vocab + len(self.new_ids)
 
 
 def head_logit_transform(config) -> tuple[float, float | None]:

@@ -62,3 +62,33 @@ def test_gate_zero_with_each_vision_family_and_media_reaches_layers(vision, imag
     torch.testing.assert_close(zero[..., old], want[..., old], atol=1e-5, rtol=0)
     assert not torch.allclose(opened, zero, atol=1e-4)  # media flow into the layers once gates open
     assert not torch.allclose(opened, other, atol=1e-4)  # and the picture matters
+
+
+@pytest.mark.parametrize("new_ids,vocab_out", [([10, 11], 12), ([11, 10], 12), ([3, 7], 10), ([4, 13], 14)])
+def test_head_gives_frozen_logits_and_new_rows_by_id_with_their_gradients(new_ids, vocab_out):
+    """The head's logits are the frozen head's for old ids and the trainable rows' for new ids, wherever the new
+    ids sit (appended in order: concatenated without an index copy; else placed by index; beyond the frozen
+    vocabulary and never set: -inf), and gradients reach the hidden states and the new rows alike."""
+    from torch import nn
+
+    from lmm.fusion import ExtendedHead
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 10, bias=False).requires_grad_(False)
+    head = ExtendedHead(base, new_ids, vocab_out)
+    assert head.appended(10) == (new_ids == [10, 11])
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    want_h = h.detach().clone().requires_grad_(True)
+    got = head(h)
+    want = torch.full((3, 5, vocab_out), float("-inf"))
+    want[..., :10] = base(want_h)
+    want[..., new_ids] = want_h @ head.extra.t()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(vocab_out).masked_fill(torch.isinf(want[0, 0]), 0)  # a loss over the finite logits
+    (got.nan_to_num(neginf=0) * weights).sum().backward()
+    g_extra = head.extra.grad.clone()
+    head.extra.grad = None
+    (want.nan_to_num(neginf=0) * weights).sum().backward()
+    torch.testing.assert_close(h.grad, want_h.grad)
+    torch.testing.assert_close(g_extra, head.extra.grad)
