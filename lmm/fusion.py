@@ -230,7 +230,6 @@ class ExtendedHead(nn.Module):
             logits = logits.index_fill(-1, self.suppressed, float("-inf"))
         return logits
 
-
     def appended(self, base_vocab: int) -> bool:
         """Do the new rows' logits simply follow the base head's `base_vocab` logits?"""
         return self._appended_from == base_vocab and self.vocab_out == base_vocab + len(self.new_ids)
