@@ -5,15 +5,12 @@ written in place: no per-step copy of the whole cache, and fixed shapes), over w
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 CACHE_KINDS = ("dynamic", "static")
 # A compiled step's static cache length is rounded up to a multiple of this, so that prompts of different lengths
 # reuse one graph instead of compiling again.
 COMPILE_BUCKET = 256
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {backend: compiled forward}
 
 
 def check_cache_kind(kind: str) -> None:
@@ -52,7 +49,8 @@ def step_forward(model, compile):
     if not compile:
         return model
     backend = "inductor" if compile is True else compile
-    per_model = _COMPILED.setdefault(model, {})
+    # kept on the model itself (a cycle the garbage collector frees with it; a global map would keep it alive)
+    per_model = model.__dict__.setdefault("_compiled_decode_steps", {})
     if backend not in per_model:
         mode = "reduce-overhead" if model.device.type == "cuda" and backend == "inductor" else None
         per_model[backend] = torch.compile(model.forward, backend=backend, mode=mode, dynamic=False)

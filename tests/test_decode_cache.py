@@ -109,3 +109,16 @@ def test_inductor_compiled_step_decodes_like_eager(images):
     m = tiny_lmm(family="llama", seed=3, gates=0.8).eval()
     batch = prepare_inputs(m, PROMPTS, [images[:2], images[2:3]])
     assert torch.equal(_tokens(m, batch, compile=True), _tokens(m, batch))
+
+
+def test_a_model_decoded_compiled_is_freed_with_its_last_reference(images):
+    """The compiled step lives with its model: dropping the model frees it (and its weights), graph and all."""
+    import gc
+    import weakref
+
+    m = tiny_lmm(family="llama", seed=3, gates=0.8).eval()
+    m.generate("<image>a photo of", images=[images[0]], max_new_tokens=3, compile=CountingBackend())
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
