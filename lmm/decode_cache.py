@@ -43,9 +43,8 @@ def new_cache(
 def step_forward(model, compile):
     """The forward a decode step calls: the model itself, or (`compile`: True for inductor, else any backend
     torch.compile takes, a name or a callable) its forward compiled once per model and backend and kept while the
-    model lives. The first
-    step of each batch size and cache bucket compiles (tens of seconds on a CPU); mode "reduce-overhead" (CUDA
-    graphs) on a GPU."""
+    model lives. The first step of each batch size and cache bucket compiles (tens of seconds on a CPU); mode
+    "reduce-overhead" (CUDA graphs) on a GPU."""
     if not compile:
         return model
     backend = "inductor" if compile is True else compile

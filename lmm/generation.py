@@ -7,7 +7,7 @@ with left padding; streaming; and log-likelihood scoring of candidate answers.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,7 +31,7 @@ class GenerationConfig:
     cache: str = "dynamic"  # or "static": transformers' StaticCache, preallocated and written in place
     # torch.compile the decode step (True = inductor, or a torch.compile backend); implies cache="static". Greedy
     # and sampled decoding; the first call per batch size compiles (tens of seconds on a CPU)
-    compile: object = False
+    compile: bool | str | Callable = False
 
 
 def _split_kwargs(kwargs: dict) -> tuple[GenerationConfig, dict]:
