@@ -203,7 +203,7 @@ class ExtendedHead(nn.Module):
         w = base.weight.detach().float()
         init = w.mean(0, keepdim=True).repeat(len(new_ids), 1)
         self.extra = nn.Parameter(init + torch.randn_like(init) * w.std() * 0.02)
-        # whether the new ids are exactly vocab_out - K ... vocab_out - 1, in order (read once, on the host)
+        # the first new id when the new ids are exactly vocab_out - K ... vocab_out - 1, in order, else None
         k = len(new_ids)
         self._appended_from = vocab_out - k if list(new_ids) == list(range(vocab_out - k, vocab_out)) else None
         # ids whose logits are -inf (`language.suppress_tokens`): set by the model after construction
@@ -232,7 +232,7 @@ class ExtendedHead(nn.Module):
 
     def appended(self, base_vocab: int) -> bool:
         """Do the new rows' logits simply follow the base head's `base_vocab` logits?"""
-        return self._appended_from == base_vocab and self.vocab_out == base_vocab + len(self.new_ids)
+        return self._appended_from == base_vocab
 
 
 def head_logit_transform(config) -> tuple[float, float | None]:
