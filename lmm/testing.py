@@ -334,6 +334,23 @@ class running_server:
         return False
 
 
+def stream_chat(http, base_url: str, body: dict, headers: dict | None = None) -> tuple[int, str]:
+    """POST `body` as a streamed chat completion to `base_url` ("" for a TestClient) with an httpx-style client:
+    (status, the answer's text joined from its SSE deltas; the error body's text when the status is not 200)."""
+    import json
+
+    url = base_url + "/v1/chat/completions"
+    with http.stream("POST", url, headers=headers or {}, json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.text
+        text = ""
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        return 200, text
+
+
 class ListSource:
     """A resumable batch source over a fixed list of batch dicts (what the demo's feature cache is like)."""
 

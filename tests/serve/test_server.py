@@ -11,6 +11,8 @@ import openai
 import pytest
 from PIL import Image
 
+from lmm.testing import stream_chat
+
 QUESTIONS = ["what is in the image?", "what color is the shape?"]
 MAX_TOKENS = 8
 
@@ -214,18 +216,6 @@ def test_each_bad_input_gets_a_clear_4xx(server, image_dir, tmp_path):
             assert err["code"] == code and err["type"] and len(err["message"]) > 10, (label, err)
 
 
-def stream_text(http: httpx.Client, url: str, headers: dict, body: dict) -> tuple[int, str]:
-    with http.stream("POST", url + "/v1/chat/completions", headers=headers, json={**body, "stream": True}) as r:
-        if r.status_code != 200:
-            r.read()
-            return r.status_code, r.text
-        text = ""
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-        return 200, text
-
-
 def test_64_concurrent_mixed_requests_are_batched(server, image_dir, answers, tmp_path):
     auth = {"Authorization": f"Bearer {server['key']}"}
     valid, streamable = [], clean(answers)
@@ -251,7 +241,7 @@ def test_64_concurrent_mixed_requests_are_batched(server, image_dir, answers, tm
         def send(job):
             _, headers, body, _, _, streamed = job
             if streamed:
-                return job, *stream_text(http, server["url"], headers, body)
+                return job, *stream_chat(http, server["url"], body, headers)
             r = post(http, server["url"], headers, body)
             return job, r.status_code, r.text
 

@@ -1,14 +1,12 @@
 """The app renders conversations exactly as `model.chat` does, including the model's default system prompt,
 on both the batched and the streamed path (the app in process, over real HTTP semantics via TestClient)."""
 
-import json
-
 
 def test_default_system_prompt_reaches_batched_and_streamed_answers(image_question):
     from fastapi.testclient import TestClient
 
     from lmm.serve.app import create_app
-    from lmm.testing import tiny_lmm
+    from lmm.testing import stream_chat, tiny_lmm
 
     model = tiny_lmm(family="llama", bridge="flamingo", gates=0.3, seed=5)
     local, wire = image_question
@@ -21,9 +19,6 @@ def test_default_system_prompt_reaches_batched_and_streamed_answers(image_questi
         body = {"model": "m", "messages": wire, "max_tokens": 6}
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
-        text = ""
-        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
-            for line in s.iter_lines():
-                if line.startswith("data: {"):
-                    text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        status, text = stream_chat(client, "", body)
+        assert status == 200
         assert text == want
